@@ -1,0 +1,596 @@
+"""VideoFlash: UMT clip encoder -> token merging -> connector -> HF LLM with progressive visual dropout.
+
+The network of VideoChat-Flash (arXiv 2501.00574):
+
+1. ``encode_video``: uint8 frames are normalised on the device, grouped into clips of 4 frames and
+   run through the UMT encoder in ONE call for every clip of the batch; each clip's tokens are merged
+   without parameters to ``tokens_per_clip`` (64, i.e. 16 per frame) and projected by the connector.
+   Images are one-frame clips (the encoder's image position table), 64 tokens per tile.
+2. The visual tokens replace the placeholder token in the text (one placeholder per sample).
+3. The HF decoder layers of the LLM run in our own loop, so that at configured layers the visual
+   tokens can be dropped (uniformly, or by the attention of the query tokens); the KV cache then
+   holds a different number of tokens per layer, and decoding continues with positions consistent
+   with the prefill.
+
+This file is copied into every exported checkpoint (``trust_remote_code``): it imports only torch,
+transformers and its siblings.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers.activations import ACT2FN
+from transformers.cache_utils import DynamicCache
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from .anyres import resize_square
+from .configuration_videoflash import VideoFlashConfig
+from .merging import merge_tokens
+from .umt import UMTEncoder
+from .visual_dropout import keep_count, text_guided_scores, topk_keep, uniform_keep
+
+IGNORE_INDEX = -100
+VISUAL_INPUT_KEYS = (
+    "pixel_values_videos",
+    "video_frame_counts",
+    "pixel_values_images",
+    "image_tile_counts",
+    "image_grids",
+)
+
+
+class VideoFlashConnector(nn.Module):
+    """Linear -> GELU -> Linear from the encoder width to the LLM width (VideoChat-Flash's MLP)."""
+
+    def __init__(self, in_features: int, out_features: int, act: str = "gelu"):
+        super().__init__()
+        self.linear_1 = nn.Linear(in_features, out_features)
+        self.act = ACT2FN[act]
+        self.linear_2 = nn.Linear(out_features, out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(self.act(self.linear_1(x)))
+
+
+@dataclass
+class _DecodeState:
+    """What decoding needs to know about a prefill that dropped tokens: per stage (0 = before the
+    first drop point) the 2D attention mask of the cached tokens and the next RoPE position."""
+
+    stage_masks: list[torch.Tensor] = field(default_factory=list)
+    next_positions: list[torch.Tensor] = field(default_factory=list)
+
+
+class VideoFlashPreTrainedModel(PreTrainedModel):
+    config_class = VideoFlashConfig
+    base_model_prefix = ""
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["Block", "Qwen2DecoderLayer"]
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_attention_backend = True
+    _skip_keys_device_placement = ["past_key_values"]
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        # UMT attention carries its q and v biases as bare parameters (the k bias is zero).
+        for name in ("q_bias", "v_bias"):
+            bias = getattr(module, name, None)
+            if isinstance(bias, nn.Parameter):
+                with torch.no_grad():
+                    bias.zero_()
+
+
+class VideoFlashForConditionalGeneration(VideoFlashPreTrainedModel, GenerationMixin):
+    """The whole VideoFlash model; see the module docstring and docs/model.md."""
+
+    def __init__(self, config: VideoFlashConfig):
+        super().__init__(config)
+        v = config.vision_config
+        self.vision_tower = UMTEncoder(
+            width=v["width"],
+            depth=v["depth"],
+            num_heads=v["num_heads"],
+            mlp_ratio=v["mlp_ratio"],
+            patch_size=v["patch_size"],
+            image_size=v["image_size"],
+            frames_per_clip=v["frames_per_clip"],
+            norm_eps=v["norm_eps"],
+            final_norm_eps=v["final_norm_eps"],
+        )
+        self.connector = VideoFlashConnector(v["width"], config.text_config.hidden_size, config.connector_act)
+        self.language_model = AutoModelForCausalLM.from_config(config.text_config)
+        self.post_init()
+
+    # -- HF plumbing ----------------------------------------------------------------------------
+    def get_input_embeddings(self):
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.language_model.set_input_embeddings(value)
+
+    def get_output_embeddings(self):
+        return self.language_model.get_output_embeddings()
+
+    def set_output_embeddings(self, value):
+        self.language_model.set_output_embeddings(value)
+
+    def get_decoder(self):
+        return self.language_model.get_decoder()
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
+        """Activation checkpointing of the encoder blocks and the LLM layers."""
+        kwargs = gradient_checkpointing_kwargs or {"use_reentrant": False}
+        self.vision_tower.gradient_checkpointing = True
+        self.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+    def gradient_checkpointing_disable(self):
+        self.vision_tower.gradient_checkpointing = False
+        self.language_model.gradient_checkpointing_disable()
+
+    # -- vision -----------------------------------------------------------------------------------
+    def _normalize(self, frames: torch.Tensor) -> torch.Tensor:
+        """uint8 ``[N, H, W, 3]`` -> normalised float ``[N, 3, S, S]`` on the encoder's device/dtype."""
+        if frames.dtype != torch.uint8:
+            raise TypeError(f"frames must be uint8 [N, H, W, 3], got {frames.dtype}")
+        if frames.ndim != 4 or frames.shape[-1] != 3:
+            raise ValueError(f"frames must have shape [N, H, W, 3], got {tuple(frames.shape)}")
+        weight = self.vision_tower.patch_embed.proj.weight
+        size = self.config.image_size
+        frames = frames.to(weight.device, non_blocking=True)
+        if frames.shape[1] != size or frames.shape[2] != size:
+            frames = resize_square(frames, size)
+        x = frames.permute(0, 3, 1, 2).float().div_(255.0)
+        mean = torch.tensor(self.config.image_mean, device=x.device)[:, None, None]
+        std = torch.tensor(self.config.image_std, device=x.device)[:, None, None]
+        return ((x - mean) / std).to(weight.dtype)
+
+    def encode_video(self, frames: torch.Tensor) -> torch.Tensor:
+        """uint8 frames ``[N, H, W, 3]`` (N a multiple of 4) -> ``[N/4 * tokens_per_clip, hidden]``.
+
+        All clips go through the encoder in one call (ZeRO-3: the same module calls on every rank)."""
+        t = self.config.frames_per_clip
+        if frames.shape[0] == 0 or frames.shape[0] % t:
+            raise ValueError(f"a video needs a positive multiple of {t} frames, got {frames.shape[0]}")
+        x = self._normalize(frames)
+        clips = x.view(-1, t, *x.shape[1:])
+        feats = self.vision_tower(clips)  # [clips, t*L, width]
+        merged = merge_tokens(feats, self.config.tokens_per_clip, self.config.merge_num_heads)
+        return self.connector(merged).flatten(0, 1)
+
+    def encode_images(self, tiles: torch.Tensor) -> torch.Tensor:
+        """uint8 image tiles ``[M, H, W, 3]`` -> ``[M * tokens_per_image, hidden]`` (one-frame clips)."""
+        if tiles.shape[0] == 0:
+            raise ValueError("encode_images needs at least one tile")
+        x = self._normalize(tiles)
+        feats = self.vision_tower(x[:, None])  # [M, L, width]
+        merged = merge_tokens(feats, self.config.tokens_per_image, self.config.merge_num_heads)
+        return self.connector(merged).flatten(0, 1)
+
+    def _dummy_frames(self, count: int) -> torch.Tensor:
+        size = self.config.image_size
+        device = self.vision_tower.patch_embed.proj.weight.device
+        return torch.zeros(count, size, size, 3, dtype=torch.uint8, device=device)
+
+    def _layout_image_tokens(self, tokens: torch.Tensor, grid) -> torch.Tensor:
+        """Tile tokens of one sample -> the LLM order: for a grid, the thumbnail's tokens first, then the
+        tiles' tokens as one (gh*s) x (gw*s) raster (s*s = tokens_per_image); otherwise tile by tile."""
+        gh, gw = int(grid[0]), int(grid[1])
+        per = self.config.tokens_per_image
+        side = int(round(per**0.5))
+        if gh * gw == 0 or side * side != per:
+            return tokens
+        thumb, rest = tokens[:per], tokens[per:]
+        rest = rest.view(gh, gw, side, side, -1).permute(0, 2, 1, 3, 4).reshape(gh * gw * per, -1)
+        return torch.cat([thumb, rest], 0)
+
+    def _visual_tokens_per_sample(
+        self,
+        batch_size: int,
+        pixel_values_videos,
+        video_frame_counts,
+        pixel_values_images,
+        image_tile_counts,
+        image_grids,
+    ):
+        """Encode the batch's videos and images (one encoder call each) and split them per sample.
+
+        In training, a batch without videos (or without images) still runs that path on a dummy
+        input whose output is added times zero, so every rank calls every module every step and
+        every trainable parameter gets a gradient."""
+        per_sample: list[torch.Tensor | None] = [None] * batch_size
+        anchor = None  # zero-valued term that keeps dummy outputs in the graph
+        t = self.config.frames_per_clip
+        has_videos = pixel_values_videos is not None and pixel_values_videos.shape[0] > 0
+        if has_videos:
+            if video_frame_counts is None:
+                if batch_size != 1:
+                    raise ValueError("video_frame_counts is required when the batch holds several samples")
+                video_frame_counts = torch.tensor([pixel_values_videos.shape[0]])
+            counts = [int(c) for c in video_frame_counts]
+            if sum(counts) != pixel_values_videos.shape[0] or any(c % t for c in counts):
+                raise ValueError(
+                    f"video_frame_counts {counts} must be multiples of {t} summing to "
+                    f"{pixel_values_videos.shape[0]} frames"
+                )
+            tokens = self.encode_video(pixel_values_videos)
+            chunks = tokens.split([c // t * self.config.tokens_per_clip for c in counts], 0)
+            for b, (c, chunk) in enumerate(zip(counts, chunks)):
+                if c:
+                    per_sample[b] = chunk
+        elif self.training:
+            anchor = self.encode_video(self._dummy_frames(t)).sum() * 0.0
+        has_images = pixel_values_images is not None and pixel_values_images.shape[0] > 0
+        if has_images:
+            if image_tile_counts is None:
+                if batch_size != 1:
+                    raise ValueError("image_tile_counts is required when the batch holds several samples")
+                image_tile_counts = torch.tensor([pixel_values_images.shape[0]])
+            counts = [int(c) for c in image_tile_counts]
+            if sum(counts) != pixel_values_images.shape[0]:
+                raise ValueError(f"image_tile_counts {counts} do not sum to {pixel_values_images.shape[0]} tiles")
+            tokens = self.encode_images(pixel_values_images)
+            chunks = tokens.split([c * self.config.tokens_per_image for c in counts], 0)
+            for b, (c, chunk) in enumerate(zip(counts, chunks)):
+                if not c:
+                    continue
+                if per_sample[b] is not None:
+                    raise ValueError(f"sample {b} holds both video and images; one kind per sample")
+                grid = image_grids[b] if image_grids is not None else (0, 0)
+                per_sample[b] = self._layout_image_tokens(chunk, grid)
+        elif self.training:
+            dummy = self.encode_images(self._dummy_frames(1)).sum() * 0.0
+            anchor = dummy if anchor is None else anchor + dummy
+        return per_sample, anchor
+
+    # -- splicing -------------------------------------------------------------------------------------
+    def _splice(self, input_ids, attention_mask, labels, per_sample, anchor, query_positions):
+        """Replace each sample's placeholder by its visual tokens and re-pad the batch.
+
+        Returns embeddings, 2D mask, labels (or None), visual span starts and counts, the query
+        positions mapped into the spliced sequence (or None) and whether the batch is left-padded."""
+        embed = self.get_input_embeddings()
+        placeholder = input_ids == self.config.image_token_id
+        n_ph = placeholder.sum(1)
+        if (n_ph > 1).any():
+            raise ValueError("each sample may hold at most one visual placeholder token")
+        text = embed(input_ids.masked_fill(placeholder, 0))
+        if anchor is not None:
+            text = text + anchor.to(text.dtype)
+        bsz, length = input_ids.shape
+        left_padded = bool(((attention_mask[:, 0] == 0) & (attention_mask[:, -1] == 1)).any())
+        rows, masks, labs, starts, counts, queries = [], [], [], [], [], []
+        for b in range(bsz):
+            vis = per_sample[b]
+            if n_ph[b] == 0:
+                if vis is not None and vis.shape[0] > 0:
+                    raise ValueError(f"sample {b} has visual input but no placeholder token")
+                rows.append(text[b])
+                masks.append(attention_mask[b])
+                labs.append(labels[b] if labels is not None else None)
+                starts.append(0)
+                counts.append(0)
+                if query_positions is not None:
+                    queries.append(int(query_positions[b]))
+                continue
+            if vis is None:
+                raise ValueError(f"sample {b} has a placeholder token but no visual input")
+            p = int(placeholder[b].nonzero()[0, 0])
+            n = vis.shape[0]
+            rows.append(torch.cat([text[b, :p], vis.to(text.dtype), text[b, p + 1 :]], 0))
+            masks.append(torch.cat([attention_mask[b, :p], attention_mask.new_ones(n), attention_mask[b, p + 1 :]]))
+            if labels is not None:
+                labs.append(torch.cat([labels[b, :p], labels.new_full((n,), IGNORE_INDEX), labels[b, p + 1 :]]))
+            else:
+                labs.append(None)
+            starts.append(p)
+            counts.append(n)
+            if query_positions is not None:
+                q = int(query_positions[b])
+                queries.append(q + n - 1 if q > p else q)
+        new_len = max(r.shape[0] for r in rows)
+        pads = [new_len - r.shape[0] for r in rows]
+        embeds = torch.stack([_pad(r, d, 0.0, left_padded) for r, d in zip(rows, pads)])
+        mask = torch.stack([_pad(m, d, 0, left_padded) for m, d in zip(masks, pads)])
+        out_labels = None
+        if labels is not None:
+            out_labels = torch.stack([_pad(lab, d, IGNORE_INDEX, left_padded) for lab, d in zip(labs, pads)])
+        shift = pads if left_padded else [0] * bsz
+        starts = torch.tensor([s + d for s, d in zip(starts, shift)], device=input_ids.device)
+        counts = torch.tensor(counts, device=input_ids.device)
+        q = None
+        if query_positions is not None:
+            q = torch.tensor([x + d for x, d in zip(queries, shift)], device=input_ids.device)
+        return embeds, mask, out_labels, starts, counts, q, left_padded
+
+    # -- the LLM with drop points --------------------------------------------------------------------
+    def _dropout_schedule(self) -> dict[int, tuple[float, str]]:
+        """{0-indexed layer about to run: (keep ratio of the original, kind)} when dropout is active."""
+        cfg = self.config
+        active = cfg.visual_dropout_in_training if self.training else cfg.visual_dropout_in_inference
+        if not active:
+            return {}
+        return {
+            layer: (ratio, kind)
+            for layer, ratio, kind in zip(cfg.visual_dropout_layers, cfg.visual_dropout_keep_ratios, cfg.visual_dropout_kinds)
+        }
+
+    def _attention_mask(self, mask2d: torch.Tensor, q_len: int, dtype: torch.dtype):
+        """The mask the HF attention functions take: 4D additive for eager/SDPA (None where SDPA's own
+        causal path is exact), the 2D padding mask for flash-attention."""
+        impl = self.language_model.config._attn_implementation or "eager"
+        kv_len = mask2d.shape[1]
+        all_valid = bool(mask2d.all())
+        if "flash" in impl:
+            return None if all_valid else mask2d
+        if impl == "sdpa" and all_valid and (q_len == kv_len or q_len == 1):
+            return None
+        past = kv_len - q_len
+        rows = torch.arange(q_len, device=mask2d.device)[:, None] + past
+        cols = torch.arange(kv_len, device=mask2d.device)[None, :]
+        allowed = (cols <= rows)[None] & mask2d.bool()[:, None, :]
+        out = torch.zeros(allowed.shape, dtype=dtype, device=mask2d.device)
+        out.masked_fill_(~allowed, torch.finfo(dtype).min)
+        return out[:, None]
+
+    def _query_tokens(self, labels, mask2d, query_positions):
+        """Query tokens of text-guided dropout: given positions, else (training) the token before each
+        supervised answer span, else the last real token. Returns ``[B, Q]`` indices and validity."""
+        bsz, length = mask2d.shape
+        device = mask2d.device
+        if query_positions is not None:
+            return query_positions[:, None].long(), torch.ones(bsz, 1, dtype=torch.bool, device=device)
+        if labels is not None:
+            starts = (labels[:, :-1] == IGNORE_INDEX) & (labels[:, 1:] != IGNORE_INDEX)
+            if starts.any(dim=1).all():
+                q = starts.sum(1).max().item()
+                idx = torch.zeros(bsz, q, dtype=torch.long, device=device)
+                valid = torch.zeros(bsz, q, dtype=torch.bool, device=device)
+                for b in range(bsz):
+                    pos = starts[b].nonzero()[:, 0]
+                    idx[b, : pos.numel()] = pos
+                    valid[b, : pos.numel()] = True
+                return idx, valid
+        positions = torch.arange(length, device=device)[None].expand(bsz, -1)
+        last = torch.where(mask2d.bool(), positions, -1).max(1).values.clamp(min=0)
+        return last[:, None], torch.ones(bsz, 1, dtype=torch.bool, device=device)
+
+    def _drop(self, layer, hidden, mask2d, positions, labels, starts, counts, originals, q_idx, q_valid,
+              ratio, kind, position_embeddings, left_padded):
+        """Keep ``ratio`` of the original visual tokens of every sample before ``layer`` runs."""
+        bsz, length, _ = hidden.shape
+        device = hidden.device
+        scores = None
+        if kind == "text":
+            # called on every rank at every drop point, whatever the data (ZeRO-3 call order)
+            scores = text_guided_scores(hidden, layer, position_embeddings, q_idx, q_valid, mask2d.bool())
+        keep_rows, new_counts, first_valid = [], [], []
+        valid = mask2d.bool()
+        for b in range(bsz):
+            s, n = int(starts[b]), int(counts[b])
+            k = min(keep_count(int(originals[b]), ratio), n)
+            if kind == "text":
+                sel = topk_keep(scores[b, s : s + n], k)
+            else:
+                sel = uniform_keep(n, k, device)
+            # padding is stripped here and added back below, so it never accumulates
+            real_pos = valid[b].nonzero()[:, 0]
+            lo, hi = (int(real_pos[0]), int(real_pos[-1]) + 1) if real_pos.numel() else (0, 0)
+            lo, hi = min(lo, s), max(hi, s + n)
+            keep_rows.append(torch.cat([torch.arange(lo, s, device=device), s + sel, torch.arange(s + n, hi, device=device)]))
+            new_counts.append(k)
+            first_valid.append(lo)
+        new_len = max(r.numel() for r in keep_rows)
+        pads = [new_len - r.numel() for r in keep_rows]
+        index = torch.stack([_pad(r, d, 0, left_padded) for r, d in zip(keep_rows, pads)])
+        real = torch.stack([_pad(torch.ones_like(r, dtype=torch.bool), d, False, left_padded) for r, d in zip(keep_rows, pads)])
+        hidden = torch.gather(hidden, 1, index[..., None].expand(-1, -1, hidden.shape[-1]))
+        mask2d = torch.gather(mask2d, 1, index) * real
+        if self.config.visual_dropout_position == "compact":
+            positions = (mask2d.cumsum(1) - 1).clamp(min=0)
+        else:
+            positions = torch.gather(positions, 1, index) * real
+        if labels is not None:
+            labels = torch.gather(labels, 1, index).masked_fill(~real, IGNORE_INDEX)
+        shift = torch.tensor(pads if left_padded else [0] * bsz, device=device) - torch.tensor(first_valid, device=device)
+        dropped = counts - torch.tensor(new_counts, device=device)
+        after = q_idx >= (starts + counts)[:, None]
+        q_idx = q_idx + shift[:, None] - torch.where(after, dropped[:, None], 0)
+        starts = starts + shift
+        counts = torch.tensor(new_counts, device=device)
+        return hidden, mask2d, positions, labels, starts, counts, q_idx
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        pixel_values_videos: torch.Tensor | None = None,
+        video_frame_counts: torch.Tensor | None = None,
+        pixel_values_images: torch.Tensor | None = None,
+        image_tile_counts: torch.Tensor | None = None,
+        image_grids: torch.Tensor | None = None,
+        past_key_values=None,
+        use_cache: bool | None = None,
+        dropout_query_positions: torch.Tensor | None = None,
+        logits_to_keep: int = 0,
+        return_dict: bool = True,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        """Training and prefill take the batch of docs/contracts.md; decoding steps (a cache that
+        holds a prefill) take only the new ``input_ids`` and the full 2D ``attention_mask``.
+
+        ``dropout_query_positions`` (``[B]``, indices into ``input_ids``) fixes the query token of
+        text-guided dropout; by default it is the token before each answer span when ``labels`` are
+        given and the last real token otherwise (the last prompt token at prefill)."""
+        if input_ids is None:
+            raise ValueError("VideoFlash needs input_ids (the visual tokens are spliced into them)")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        use_cache = bool(use_cache) and not self.training
+        state = getattr(past_key_values, "_videoflash_state", None) if past_key_values is not None else None
+        decoder = self.get_decoder()
+        layers = decoder.layers
+        schedule = self._dropout_schedule()
+        cache = past_key_values
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config.text_config)
+
+        if state is not None:  # a decoding step after a prefill
+            q_len = input_ids.shape[1]
+            hidden = self.get_input_embeddings()(input_ids)
+            new_cols = attention_mask[:, -q_len:].to(state.stage_masks[0].dtype)
+            steps = torch.arange(q_len, device=hidden.device)
+            stage_inputs = []
+            for k in range(len(state.stage_masks)):
+                state.stage_masks[k] = torch.cat([state.stage_masks[k], new_cols], 1)
+                pos = state.next_positions[k][:, None] + steps
+                state.next_positions[k] = state.next_positions[k] + q_len
+                stage_inputs.append((state.stage_masks[k], pos))
+            stage = -1
+            mask4d = pe = None
+            for i, layer in enumerate(layers):
+                if i == 0 or i in schedule:
+                    stage += 1
+                    mask2d, pos = stage_inputs[stage]
+                    mask4d = self._attention_mask(mask2d, q_len, hidden.dtype)
+                    pe = decoder.rotary_emb(hidden, pos)
+                hidden = layer(hidden, attention_mask=mask4d, position_ids=pos, past_key_values=cache,
+                               use_cache=True, position_embeddings=pe)
+            new_labels = None
+        else:  # training or prefill
+            per_sample, anchor = self._visual_tokens_per_sample(
+                input_ids.shape[0], pixel_values_videos, video_frame_counts, pixel_values_images,
+                image_tile_counts, image_grids,
+            )
+            hidden, mask2d, new_labels, starts, counts, qpos, left_padded = self._splice(
+                input_ids, attention_mask, labels, per_sample, anchor, dropout_query_positions
+            )
+            positions = (mask2d.cumsum(1) - 1).clamp(min=0)
+            originals = counts.clone()
+            q_idx = q_valid = None
+            if any(kind == "text" for _, kind in schedule.values()):
+                q_idx, q_valid = self._query_tokens(new_labels, mask2d, qpos)
+            elif schedule:
+                q_idx, q_valid = self._query_tokens(None, mask2d, None)
+            new_state = _DecodeState() if use_cache else None
+            mask4d = self._attention_mask(mask2d, hidden.shape[1], hidden.dtype)
+            pe = decoder.rotary_emb(hidden, positions)
+            for i, layer in enumerate(layers):
+                if i in schedule:
+                    if new_state is not None:
+                        new_state.stage_masks.append(mask2d)
+                        new_state.next_positions.append(positions.max(1).values + 1)
+                    ratio, kind = schedule[i]
+                    hidden, mask2d, positions, new_labels, starts, counts, q_idx = self._drop(
+                        layer, hidden, mask2d, positions, new_labels, starts, counts, originals, q_idx, q_valid,
+                        ratio, kind, pe, left_padded,
+                    )
+                    mask4d = self._attention_mask(mask2d, hidden.shape[1], hidden.dtype)
+                    pe = decoder.rotary_emb(hidden, positions)
+                hidden = layer(hidden, attention_mask=mask4d, position_ids=positions, past_key_values=cache,
+                               use_cache=use_cache, position_embeddings=pe)
+            if new_state is not None:
+                new_state.stage_masks.append(mask2d)
+                new_state.next_positions.append(positions.max(1).values + 1)
+                cache._videoflash_state = new_state
+
+        hidden = decoder.norm(hidden)
+        if logits_to_keep and new_labels is None:
+            hidden = hidden[:, -logits_to_keep:]
+        logits = self.get_output_embeddings()(hidden)
+        loss = None
+        if new_labels is not None and labels is not None:
+            loss = F.cross_entropy(
+                logits[:, :-1].flatten(0, 1).float(), new_labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX
+            )
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=cache if use_cache else None)
+
+    # -- generation ---------------------------------------------------------------------------------------
+    def prepare_inputs_for_generation(self, input_ids, past_key_values=None, attention_mask=None,
+                                      inputs_embeds=None, is_first_iteration=False, **kwargs):
+        visual = {key: kwargs.pop(key, None) for key in VISUAL_INPUT_KEYS}
+        query = kwargs.pop("dropout_query_positions", None)
+        inputs = super().prepare_inputs_for_generation(
+            input_ids, past_key_values=past_key_values, attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds, is_first_iteration=is_first_iteration, **kwargs,
+        )
+        inputs.pop("position_ids", None)
+        prefill = getattr(past_key_values, "_videoflash_state", None) is None
+        if prefill:
+            inputs["input_ids"] = input_ids
+            inputs.update({k: v for k, v in visual.items() if v is not None})
+            if query is not None:
+                inputs["dropout_query_positions"] = query
+        return inputs
+
+    # -- construction from parts ----------------------------------------------------------------------
+    @classmethod
+    def from_parts(
+        cls,
+        text,
+        vision=None,
+        vision_config: dict | None = None,
+        image_token_id: int | None = None,
+        tokenizer=None,
+        torch_dtype: torch.dtype | None = None,
+        **config_kwargs,
+    ) -> "VideoFlashForConditionalGeneration":
+        """The stage-1 starting point: an HF LLM + UMT weights (or a fresh encoder) + a new connector.
+
+        Args:
+            text: an HF causal-LM directory (weights loaded), or a config / config dict (fresh LLM).
+            vision: path to (or state dict of) the released ``UMT-L_f4_vision.pt``; None = fresh encoder.
+            vision_config: encoder settings; with ``vision`` only ``image_size`` and
+                ``frames_per_clip`` are read (the rest comes from the weights).
+            image_token_id: the placeholder id; with ``tokenizer`` it is looked up (``<image>`` is added
+                to the tokenizer when missing) and the LLM's embeddings grow if the vocabulary did.
+            config_kwargs: any other :class:`VideoFlashConfig` field.
+        """
+        vision_config = dict(vision_config or {})
+        if isinstance(text, (str, bytes)) or hasattr(text, "__fspath__"):
+            llm = AutoModelForCausalLM.from_pretrained(text, torch_dtype=torch_dtype or torch.float32)
+            text_config = llm.config
+        else:
+            llm = None
+            text_config = text
+        encoder = None
+        if vision is not None:
+            encoder = UMTEncoder.from_official(
+                vision,
+                image_size=vision_config.get("image_size", 224),
+                frames_per_clip=vision_config.get("frames_per_clip", 4),
+            )
+            vision_config.update(encoder.encoder_config())
+        if tokenizer is not None:
+            if "<image>" not in tokenizer.get_vocab():
+                tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+            image_token_id = tokenizer.convert_tokens_to_ids("<image>")
+        config = VideoFlashConfig(vision_config=vision_config, text_config=text_config,
+                                  image_token_id=image_token_id, **config_kwargs)
+        if tokenizer is not None and len(tokenizer) > config.text_config.vocab_size:
+            config.text_config.vocab_size = len(tokenizer)
+        model = cls(config)
+        if llm is not None:
+            if len(tokenizer or []) > llm.config.vocab_size:
+                llm.resize_token_embeddings(len(tokenizer))
+            model.language_model.load_state_dict(llm.state_dict())
+        if encoder is not None:
+            model.vision_tower.load_state_dict(encoder.state_dict())
+        if torch_dtype is not None:
+            model = model.to(torch_dtype)
+        return model
+
+
+def _pad(x: torch.Tensor, amount: int, value, left: bool) -> torch.Tensor:
+    """Pad a 1D/2D tensor along its first dimension on the left or right."""
+    if amount == 0:
+        return x
+    filler = x.new_full((amount, *x.shape[1:]), value)
+    return torch.cat([filler, x] if left else [x, filler], 0)

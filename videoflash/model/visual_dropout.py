@@ -1,0 +1,94 @@
+"""Progressive visual-token dropout inside the LLM (VideoChat-Flash §2, "video-level compression").
+
+At chosen layers the visual tokens still present are reduced to a share of the ORIGINAL visual count:
+
+* ``uniform``: evenly spaced tokens are kept (``linspace`` over the tokens present);
+* ``text``: text-guided: the attention of the query tokens onto the visual tokens is computed with
+  the projections and RoPE of the layer about to run, averaged over heads and query tokens, and the
+  top-k visual tokens are kept.
+
+Kept tokens always stay in their original order. These are pure functions over tensors; the layer
+loop that uses them is in ``modeling_videoflash.py``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def keep_count(num_original: int, ratio: float) -> int:
+    """Visual tokens kept when ``ratio`` of ``num_original`` is to remain (rounded half up)."""
+    return int(math.floor(num_original * ratio + 0.5))
+
+
+def uniform_keep(num_present: int, k: int, device=None) -> torch.Tensor:
+    """Indices (into the tokens present) of ``k`` evenly spaced tokens, first and last included."""
+    if k >= num_present:
+        return torch.arange(num_present, device=device)
+    if k <= 0:
+        return torch.zeros(0, dtype=torch.long, device=device)
+    if k == 1:
+        return torch.zeros(1, dtype=torch.long, device=device)
+    return torch.linspace(0, num_present - 1, k, device=device).round().long()
+
+
+def topk_keep(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the ``k`` highest scores, returned in increasing (original) order."""
+    k = min(int(k), scores.numel())
+    if k <= 0:
+        return torch.zeros(0, dtype=torch.long, device=scores.device)
+    return torch.topk(scores.float(), k).indices.sort().values
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def text_guided_scores(
+    hidden_states: torch.Tensor,
+    layer: torch.nn.Module,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor],
+    query_index: torch.Tensor,
+    query_valid: torch.Tensor,
+    key_valid: torch.Tensor,
+) -> torch.Tensor:
+    """Mean attention of the query tokens onto every token, as ``layer`` would compute it.
+
+    Args:
+        hidden_states: ``[B, L, D]`` input of ``layer`` (detached here: selection is not trained).
+        layer: an HF decoder layer with ``input_layernorm`` and ``self_attn.{q_proj,k_proj}``.
+        position_embeddings: ``(cos, sin)`` of shape ``[B, L, head_dim]`` at the current positions.
+        query_index: ``[B, Q]`` positions of the query tokens (padded entries arbitrary).
+        query_valid: ``[B, Q]`` bool, which entries of ``query_index`` are real.
+        key_valid: ``[B, L]`` bool, which tokens are real (not padding).
+
+    Returns:
+        ``[B, L]`` float32: softmax(QK^T / sqrt(d) + causal mask) averaged over heads, then over the
+        valid queries of each sample. Keys after a query (causal) or padding get no attention.
+    """
+    attn = layer.self_attn
+    head_dim = attn.head_dim
+    groups = attn.num_key_value_groups
+    bsz, length, _ = hidden_states.shape
+    with torch.no_grad():
+        normed = layer.input_layernorm(hidden_states.detach())
+        q_in = torch.gather(normed, 1, query_index[..., None].expand(-1, -1, normed.shape[-1]))
+        q = attn.q_proj(q_in).view(bsz, q_in.shape[1], -1, head_dim).transpose(1, 2)  # [B,H,Q,d]
+        k = attn.k_proj(normed).view(bsz, length, -1, head_dim).transpose(1, 2)  # [B,Hkv,L,d]
+        cos, sin = position_embeddings
+        q_cos = torch.gather(cos, 1, query_index[..., None].expand(-1, -1, cos.shape[-1]))[:, None]
+        q_sin = torch.gather(sin, 1, query_index[..., None].expand(-1, -1, sin.shape[-1]))[:, None]
+        q = q * q_cos + _rotate_half(q) * q_sin
+        k = k * cos[:, None] + _rotate_half(k) * sin[:, None]
+        k = k.repeat_interleave(groups, dim=1)
+        logits = torch.matmul(q.float(), k.float().transpose(2, 3)) * attn.scaling  # [B,H,Q,L]
+        keys = torch.arange(length, device=hidden_states.device)
+        allowed = (keys[None, None, :] <= query_index[..., None]) & key_valid[:, None, :]  # [B,Q,L]
+        logits = logits.masked_fill(~allowed[:, None], torch.finfo(torch.float32).min)
+        probs = logits.softmax(dim=-1).mean(dim=1)  # [B,Q,L], mean over heads
+        weights = query_valid.float()
+        probs = (probs * weights[..., None]).sum(1) / weights.sum(1).clamp(min=1.0)[..., None]
+    return probs
