@@ -18,6 +18,7 @@ transformers and its siblings.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 
 import torch
@@ -555,8 +556,8 @@ class VideoFlashForConditionalGeneration(VideoFlashPreTrainedModel, GenerationMi
         """
         vision_config = dict(vision_config or {})
         if isinstance(text, (str, bytes)) or hasattr(text, "__fspath__"):
-            llm = AutoModelForCausalLM.from_pretrained(text, torch_dtype=torch_dtype or torch.float32)
-            text_config = llm.config
+            llm = AutoModelForCausalLM.from_pretrained(text, dtype=torch_dtype or torch.float32)
+            text_config = copy.deepcopy(llm.config)
         else:
             llm = None
             text_config = text
@@ -566,11 +567,12 @@ class VideoFlashForConditionalGeneration(VideoFlashPreTrainedModel, GenerationMi
                 vision,
                 image_size=vision_config.get("image_size", 224),
                 frames_per_clip=vision_config.get("frames_per_clip", 4),
+                num_heads=vision_config.get("num_heads"),  # default: width // 64, as UMT-L
             )
             vision_config.update(encoder.encoder_config())
         if tokenizer is not None:
             if "<image>" not in tokenizer.get_vocab():
-                tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+                tokenizer.add_tokens(["<image>"], special_tokens=True)
             image_token_id = tokenizer.convert_tokens_to_ids("<image>")
         config = VideoFlashConfig(vision_config=vision_config, text_config=text_config,
                                   image_token_id=image_token_id, **config_kwargs)

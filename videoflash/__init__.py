@@ -1,0 +1,1 @@
+"""videoflash: train long-video language models (VideoChat-Flash style)."""

@@ -1,0 +1,1 @@
+"""The network (flat and self-contained: copied verbatim into exported HF checkpoints)."""
