@@ -127,7 +127,8 @@ def span_to_frames(
     """The frame range ``[first, stop)`` of the ``start``/``end`` span (seconds; either may be None).
 
     ``first = round(start * fps)`` and ``stop = round(end * fps)``, clamped to the video; an empty or
-    inverted span is an error (the sample is bad, not silently the whole video).
+    inverted span, or a start past the end, is an error (the sample is bad, not silently the whole
+    video or its last frame).
     """
     first, stop = 0, int(num_frames)
     if start is None and end is None:
@@ -135,7 +136,9 @@ def span_to_frames(
     if not fps or not fps > 0:
         raise ValueError(f"a start/end span needs a positive fps, got {fps!r}")
     if start is not None:
-        first = min(max(0, int(round(float(start) * fps))), num_frames - 1)
+        first = max(0, int(round(float(start) * fps)))
+        if first >= num_frames:  # a wrong annotation: counted as bad, never a one-frame clip
+            raise ValueError(f"start={start} s is past the end of a {num_frames}-frame video at {fps} fps")
     if end is not None:
         stop = min(num_frames, int(round(float(end) * fps)))
     if stop <= first:

@@ -1,0 +1,492 @@
+"""LLaVA-NeXT annotations + media -> WebDataset tar shards with an index.
+
+Usage::
+
+    # one annotation set (JSON or JSONL; several files are concatenated)
+    python -m data_tools.make_shards --annotations data/synth/train.jsonl --media-root data/synth \\
+        --out shards/synth --prefix synth-train --shard-size 256MB
+
+    # a data mix (videochat_flash.md section 4.1): one shard set per source + a loader source list
+    python -m data_tools.make_shards --mix configs/mix.yaml --out shards/mix
+
+What it writes under ``--out`` for each set:
+
+- ``{prefix}-000000.tar ...``: each sample is ``{key}.json`` (the record plus probed ``media_type``,
+  ``duration``, ``fps``, ``num_frames``, ``width``, ``height``) and the media bytes unchanged under their
+  extension (``{key}.mp4``, ``{key}.jpg``, several images as ``{key}.0.jpg``, ``{key}.1.png``). A folder
+  of frames (or a GIF) becomes one H.264 mp4 at its frame rate.
+- ``{prefix}-index.json``: samples per shard, the total, and per sample its duration, fps, frame count,
+  width/height and byte size.
+- ``{prefix}-rejects.jsonl``: every record left out, with the reason (``bad_json``, ``missing_file``,
+  ``empty_file``, ``bad_video``, ``bad_image``, ``bad_span``, ``bad_conversation``, ``bad_record``) and
+  the job goes on.
+- with ``--mix``: ``sources.yaml``, the list of shard sets for ``videoflash.data`` (name, shards, weight).
+
+Every video is opened and decoded (``--probe sparse``: 16 frames spread over the video, the last one
+included; ``--probe full``: every frame) in a pool of worker processes, with a progress bar. Shards are
+planned from the annotation order and file sizes before any probing, written atomically, and each
+finished shard leaves a small ``.done.json`` beside it: a re-run skips shards whose plan is unchanged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+from multiprocessing import get_context
+
+from tqdm import tqdm
+
+from videoflash.data.conversation import normalize_conversation
+from videoflash.data.decode import IMAGE_EXTENSIONS, MediaError, probe_image, probe_video
+from videoflash.data.sampling import span_to_frames
+from videoflash.data.shards import INDEX_FORMAT, index_name, shard_name
+
+from .annotations import MixEntry, Reject, apply_sampling_strategy, load_mix, parse_size, read_annotation_file
+from .media import encode_frame_folder, encode_gif
+
+__all__ = ["ShardJob", "build_shard_set", "build_mix", "main"]
+
+_KEY_SAFE = re.compile(r"[^A-Za-z0-9_-]+")
+
+
+@dataclass
+class _Item:
+    """A planned sample: one record and the media files it needs."""
+
+    key: str
+    location: str
+    record: dict
+    media_type: str  # video | image | text
+    media: list = field(default_factory=list)  # [(path, ext, convert)]; convert: None | "frames" | "gif"
+    est_bytes: int = 0
+
+
+@dataclass
+class ShardJob:
+    """Options of one shard set."""
+
+    annotations: list[str]
+    media_root: str
+    out_dir: str
+    prefix: str
+    shard_bytes: int = 1 << 30
+    max_samples: int = 100_000
+    sampling_strategy: str = "all"
+    video_read_type: str | None = None
+    frames_fps: float = 1.0
+    media_type: str | None = None
+    probe: str = "sparse"
+    workers: int | None = None
+    progress: bool = True
+
+
+# --------------------------------------------------------------------------------------------------
+# planning (main process, no decoding)
+
+
+def _media_type(rec: dict, forced: str | None) -> str:
+    if forced:
+        return forced
+    if rec.get("video") is not None:
+        return "video"
+    if rec.get("image") is not None:
+        return "image"
+    return "text"
+
+
+def _resolve(root: str, path: str) -> str:
+    return path if os.path.isabs(path) or not root else os.path.join(root, path)
+
+
+def _plan_item(i: int, loc: str, rec: dict, job: ShardJob, source: str) -> _Item | Reject:
+    """Check what can be checked without decoding: fields, conversation, files present and non-empty."""
+    rid = str(rec.get("id")) if rec.get("id") is not None else None
+    key = f"{i:08d}" + (f"_{_KEY_SAFE.sub('_', rid)[:80]}" if rid else "")
+    try:
+        normalize_conversation(rec.get("conversations"))
+    except ValueError as exn:
+        return Reject(source, loc, "bad_conversation", str(exn), rid)
+    mtype = _media_type(rec, job.media_type)
+    item = _Item(key, loc, rec, mtype)
+    if mtype == "text":
+        return item
+    field_name = "video" if mtype == "video" else "image"
+    paths = rec.get(field_name)
+    if mtype == "video" and not isinstance(paths, str):
+        return Reject(source, loc, "bad_record", "'video' must be one path", rid)
+    if isinstance(paths, str):
+        paths = [paths]
+    if not isinstance(paths, list) or not paths or not all(isinstance(p, str) for p in paths):
+        return Reject(source, loc, "bad_record", f"'{field_name}' must be a path or a list of paths", rid)
+    for p in paths:
+        full = _resolve(job.media_root, p)
+        if not os.path.exists(full):
+            return Reject(source, loc, "missing_file", f"no such file: {full}", rid, p)
+        ext = os.path.splitext(full)[1].lower().lstrip(".")
+        convert = None
+        if mtype == "video" and (os.path.isdir(full) or job.video_read_type in ("img", "frame")):
+            if not os.path.isdir(full):
+                return Reject(source, loc, "bad_record", f"video_read_type img needs a folder: {full}", rid, p)
+            convert, ext = "frames", "mp4"
+            size = sum(e.stat().st_size for e in os.scandir(full) if e.is_file())
+        elif mtype == "video" and (ext == "gif" or job.video_read_type == "gif"):
+            convert, ext = "gif", "mp4"
+            size = os.path.getsize(full)
+        else:
+            if os.path.isdir(full):
+                return Reject(source, loc, "bad_record", f"expected a file, got a folder: {full}", rid, p)
+            size = os.path.getsize(full)
+            if mtype == "image" and ext not in IMAGE_EXTENSIONS:
+                ext = ext or "jpg"
+            ext = {"jpeg": "jpg"}.get(ext, ext) or "bin"
+        if size == 0:
+            return Reject(source, loc, "empty_file", f"zero-length media: {full}", rid, p)
+        item.media.append((full, ext, convert))
+        item.est_bytes += _tar_bytes(size)
+    return item
+
+
+def _tar_bytes(size: int) -> int:
+    """Bytes a member of ``size`` bytes takes in a tar: a 512-byte header plus 512-byte blocks."""
+    return 512 + -(-size // 512) * 512
+
+
+def _plan(job: ShardJob, source: str) -> tuple[list[list[_Item]], list[Reject]]:
+    """Read the annotations, apply the sampling strategy, check files, cut into shards."""
+    records, rejects = [], []
+    for path in job.annotations:
+        recs, rej = read_annotation_file(path)
+        records.extend(recs)
+        rejects.extend(rej)
+    records = apply_sampling_strategy(records, job.sampling_strategy)
+    items = []
+    for i, (loc, rec) in enumerate(records):
+        got = _plan_item(i, loc, rec, job, source)
+        (rejects if isinstance(got, Reject) else items).append(got)
+    shards, cur, cur_bytes = [], [], 0
+    for it in items:
+        size = it.est_bytes + _tar_bytes(len(json.dumps(it.record)) + 200)
+        if cur and (cur_bytes + size > job.shard_bytes or len(cur) >= job.max_samples):
+            shards.append(cur)
+            cur, cur_bytes = [], 0
+        cur.append(it)
+        cur_bytes += size
+    if cur or not shards:
+        shards.append(cur)
+    return shards, rejects
+
+
+def _plan_hash(items: list[_Item], job: ShardJob) -> str:
+    h = hashlib.sha1()
+    h.update(json.dumps([job.probe, job.frames_fps, job.video_read_type, job.media_type]).encode())
+    for it in items:
+        h.update(it.key.encode())
+        h.update(json.dumps(it.record, sort_keys=True).encode())
+        for path, ext, convert in it.media:
+            st = os.stat(path)
+            h.update(f"{path}|{ext}|{convert}|{st.st_size}|{int(st.st_mtime)}".encode())
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------------------------------
+# probing (worker processes)
+
+
+def _probe(args) -> dict:
+    """Load and probe one item's media; returns the sample (or the reject) as plain data."""
+    item, probe_full, frames_fps = args
+    rec = dict(item.record)
+    out = {"key": item.key, "files": []}
+    try:
+        if item.media_type == "video":
+            path, ext, convert = item.media[0]
+            if convert == "frames":
+                data = encode_frame_folder(path, fps=frames_fps)
+                rec["converted_from"] = "frames"
+            elif convert == "gif":
+                with open(path, "rb") as f:
+                    data, _ = encode_gif(f.read(), default_fps=frames_fps)
+                rec["converted_from"] = "gif"
+            else:
+                with open(path, "rb") as f:
+                    data = f.read()
+            if not data:
+                raise MediaError("empty_file", f"zero-length media: {path}")
+            meta = probe_video(data, full=probe_full)
+            if rec.get("start") is not None or rec.get("end") is not None:
+                try:
+                    span_to_frames(meta["num_frames"], meta["fps"], rec.get("start"), rec.get("end"))
+                except ValueError as exn:
+                    raise MediaError("bad_span", str(exn)) from exn
+            rec.update(media_type="video", **meta)
+            out["files"].append((ext, data, path if convert is None else None))
+        elif item.media_type == "image":
+            sizes = []
+            many = len(item.media) > 1
+            for k, (path, ext, _) in enumerate(item.media):
+                with open(path, "rb") as f:
+                    data = f.read()
+                if not data:
+                    raise MediaError("empty_file", f"zero-length media: {path}")
+                sizes.append(probe_image(data))
+                out["files"].append((f"{k}.{ext}" if many else ext, None, path))
+            rec.update(media_type="image", width=sizes[0]["width"], height=sizes[0]["height"], num_images=len(sizes))
+            if many:
+                rec["image_sizes"] = [[s["width"], s["height"]] for s in sizes]
+        else:
+            rec["media_type"] = "text"
+        rec["media_files"] = [f[0] for f in out["files"]]
+        out["record"] = rec
+    except MediaError as exn:
+        out["reject"] = (exn.reason, str(exn))
+    except OSError as exn:
+        out["reject"] = ("unreadable", f"{type(exn).__name__}: {exn}")
+    except Exception as exn:  # anything else a decoder throws: reject the sample, keep the job going
+        out["reject"] = ("probe_error", f"{type(exn).__name__}: {exn}")
+    return out
+
+
+def _media_bytes(files):
+    for name, data, path in files:
+        if data is None:
+            with open(path, "rb") as f:
+                data = f.read()
+        yield name, data
+
+
+# --------------------------------------------------------------------------------------------------
+# writing
+
+
+def _write_shard(path: str, samples: list[tuple[str, dict, list]]) -> int:
+    """Write ``samples`` ([(key, record, files)]) to ``path`` atomically; returns the byte size."""
+    import webdataset as wds
+
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        with wds.TarWriter(f, encoder=False, mtime=0) as sink:
+            for key, rec, files in samples:
+                s = {"__key__": key, "json": json.dumps(rec, sort_keys=True).encode()}
+                for name, data in _media_bytes(files):
+                    s[name] = data
+                sink.write(s)
+    os.replace(tmp, path)
+    return os.path.getsize(path)
+
+
+def _atomic_json(path: str, obj, lines: bool = False):
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        if lines:
+            for row in obj:
+                f.write(json.dumps(row, sort_keys=True) + "\n")
+        else:
+            json.dump(obj, f, indent=1, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def build_shard_set(job: ShardJob, source: str | None = None) -> dict:
+    """Build (or finish) one shard set; returns its index (also written to ``{prefix}-index.json``)."""
+    source = source or job.prefix
+    os.makedirs(job.out_dir, exist_ok=True)
+    if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", job.prefix):
+        raise ValueError(f"prefix {job.prefix!r}: use letters, digits, '_', '-', '.'")
+    shards, rejects = _plan(job, source)
+    done_path = lambda i: os.path.join(job.out_dir, shard_name(job.prefix, i) + ".done.json")  # noqa: E731
+    plan = []
+    pending = []
+    for i, items in enumerate(shards):
+        h = _plan_hash(items, job)
+        done = None
+        tar = os.path.join(job.out_dir, shard_name(job.prefix, i))
+        if os.path.exists(done_path(i)) and os.path.exists(tar):
+            with open(done_path(i)) as f:
+                done = json.load(f)
+            if done.get("plan") != h:
+                done = None
+        plan.append((i, items, h, done))
+        if done is None:
+            pending.append((i, items, h))
+    n_skip = sum(len(items) for _, items, _, d in plan if d is not None)
+    workers = job.workers if job.workers is not None else min(8, os.cpu_count() or 1)
+    todo = [(it, job.probe == "full", job.frames_fps) for _, items, _ in pending for it in items]
+    bar = tqdm(
+        total=len(todo) + n_skip, initial=n_skip, desc=f"shards {job.prefix}", unit="sample", disable=not job.progress
+    )
+    results = _run(todo, workers)
+    n_rej = 0
+    for i, items, h in pending:
+        samples, shard_rejects = [], []
+        for it in items:
+            out = next(results)
+            bar.update()
+            if "reject" in out:
+                reason, msg = out["reject"]
+                media = it.media[0][0] if it.media else None
+                shard_rejects.append(Reject(source, it.location, reason, msg, it.record.get("id"), media).to_json())
+                n_rej += 1
+                bar.set_postfix(rejects=n_rej + len(rejects))
+            else:
+                samples.append((out["key"], out["record"], out["files"]))
+        tar = os.path.join(job.out_dir, shard_name(job.prefix, i))
+        nbytes = _write_shard(tar, samples)
+        entries = []
+        for key, rec, files in samples:
+            size = sum(len(d) if d is not None else os.path.getsize(p) for _, d, p in files)
+            entries.append(
+                {
+                    "key": key,
+                    "media_type": rec["media_type"],
+                    "duration": rec.get("duration"),
+                    "fps": rec.get("fps"),
+                    "num_frames": rec.get("num_frames"),
+                    "width": rec.get("width"),
+                    "height": rec.get("height"),
+                    "num_images": rec.get("num_images"),
+                    "bytes": size,
+                }
+            )
+        done = {"plan": h, "name": shard_name(job.prefix, i), "bytes": nbytes, "samples": entries, "rejects": shard_rejects}
+        _atomic_json(done_path(i), done)
+        plan[i] = (i, items, h, done)
+    bar.close()
+
+    index = {
+        "format": INDEX_FORMAT,
+        "prefix": job.prefix,
+        "source": source,
+        "num_shards": len(plan),
+        "shards": [],
+        "samples": [],
+        "total": 0,
+        "rejects": 0,
+    }
+    all_rejects = [r.to_json() for r in rejects]
+    for i, _, _, done in plan:
+        index["shards"].append({"name": done["name"], "num_samples": len(done["samples"]), "bytes": done["bytes"]})
+        for s in done["samples"]:
+            index["samples"].append({"shard": i, **{k: v for k, v in s.items() if v is not None}})
+        all_rejects.extend(done["rejects"])
+    index["total"] = len(index["samples"])
+    index["rejects"] = len(all_rejects)
+    index["reject_reasons"] = _count(r["reason"] for r in all_rejects)
+    _atomic_json(os.path.join(job.out_dir, f"{job.prefix}-rejects.jsonl"), all_rejects, lines=True)
+    _atomic_json(os.path.join(job.out_dir, index_name(job.prefix)), index)
+    return index
+
+
+def _count(values) -> dict:
+    out = {}
+    for v in values:
+        out[v] = out.get(v, 0) + 1
+    return dict(sorted(out.items()))
+
+
+def _run(todo, workers):
+    """Probe results in order (a generator), in a process pool when ``workers > 1``."""
+    if workers <= 1 or len(todo) < 2:
+        for t in todo:
+            yield _probe(t)
+        return
+    ctx = get_context("fork") if sys.platform.startswith("linux") else get_context()
+    with ctx.Pool(workers) as pool:
+        yield from pool.imap(_probe, todo, chunksize=1)
+
+
+def shard_pattern(out_dir: str, prefix: str, num_shards: int) -> str:
+    """The brace pattern of a set, e.g. ``out/k400-{000000..000002}.tar``."""
+    if num_shards == 1:
+        return os.path.join(out_dir, shard_name(prefix, 0))
+    return os.path.join(out_dir, f"{prefix}-{{{0:06d}..{num_shards - 1:06d}}}.tar")
+
+
+def build_mix(mix_path: str, out_dir: str, **opts) -> list[dict]:
+    """Build one shard set per source of a mix YAML and write ``sources.yaml`` for the loader."""
+    import yaml
+
+    entries: list[MixEntry] = load_mix(mix_path)
+    sources = []
+    for e in entries:
+        job = ShardJob(
+            annotations=[e.json_path],
+            media_root=e.data_root,
+            out_dir=out_dir,
+            prefix=e.prefix,
+            sampling_strategy=e.sampling_strategy,
+            video_read_type=e.video_read_type,
+            frames_fps=e.frames_fps,
+            media_type=e.media_type,
+            **opts,
+        )
+        idx = build_shard_set(job, source=e.prefix)
+        sources.append(
+            {
+                "name": e.prefix,
+                "shards": shard_pattern(out_dir, e.prefix, idx["num_shards"]),
+                "weight": 1.0,
+                "num_samples": idx["total"],
+            }
+        )
+    tmp = os.path.join(out_dir, "sources.yaml.tmp")
+    with open(tmp, "w") as f:
+        yaml.safe_dump({"sources": sources}, f, sort_keys=False)
+    os.replace(tmp, os.path.join(out_dir, "sources.yaml"))
+    return sources
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m data_tools.make_shards",
+        description="LLaVA annotations + media -> WebDataset tar shards with an index.",
+    )
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--annotations", nargs="+", help="JSON/JSONL annotation files (one shard set)")
+    src.add_argument("--mix", help="a data-mix YAML (one shard set per source)")
+    p.add_argument("--media-root", default="", help="prefixed onto relative media paths (--annotations)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--prefix", default=None, help="shard name prefix (--annotations; default: first file's stem)")
+    p.add_argument("--shard-size", default="1GB", help="target bytes per shard (e.g. 512MB)")
+    p.add_argument("--max-samples-per-shard", type=int, default=100_000)
+    p.add_argument("--sampling-strategy", default="all", help="all | first:N | first:P%% | end:N ... (--annotations)")
+    p.add_argument("--video-read-type", default=None, choices=[None, "decord", "img", "gif"], help="(--annotations)")
+    p.add_argument("--frames-fps", type=float, default=1.0, help="rate of folders of frames (--annotations)")
+    p.add_argument("--probe", choices=["sparse", "full"], default="sparse", help="decode 16 frames or all")
+    p.add_argument("--workers", type=int, default=None, help="probing processes (default: up to 8)")
+    a = p.parse_args(argv)
+    t0 = time.time()
+    common = dict(
+        shard_bytes=parse_size(a.shard_size), max_samples=a.max_samples_per_shard, probe=a.probe, workers=a.workers
+    )
+    if a.mix:
+        sources = build_mix(a.mix, a.out, **common)
+        total = sum(s["num_samples"] for s in sources)
+        print(f"{len(sources)} sources, {total} samples -> {os.path.join(a.out, 'sources.yaml')} ({time.time() - t0:.1f}s)")
+        return 0
+    prefix = a.prefix or _KEY_SAFE.sub("_", os.path.splitext(os.path.basename(a.annotations[0]))[0])
+    job = ShardJob(
+        annotations=a.annotations,
+        media_root=a.media_root,
+        out_dir=a.out,
+        prefix=prefix,
+        sampling_strategy=a.sampling_strategy,
+        video_read_type=a.video_read_type,
+        frames_fps=a.frames_fps,
+        **common,
+    )
+    idx = build_shard_set(job)
+    print(
+        f"{idx['total']} samples in {idx['num_shards']} shards, {idx['rejects']} rejected "
+        f"{json.dumps(idx['reject_reasons'])} -> {shard_pattern(a.out, prefix, idx['num_shards'])} "
+        f"({time.time() - t0:.1f}s)"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

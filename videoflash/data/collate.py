@@ -1,0 +1,108 @@
+"""Padding collation into the batch of docs/contracts.md section 1.
+
+A :class:`Sample` is one decoded, tokenized training sample; :func:`collate` right-pads the token ids
+with ``pad_token_id``, builds the attention mask, pads labels with ``-100`` and concatenates the
+uint8 frames and image tiles of the micro-batch, sample after sample.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import get_worker_info
+
+from .conversation import IGNORE_INDEX
+
+__all__ = ["Sample", "collate", "BATCH_KEYS"]
+
+#: keys of a batch; the first eight are the model's ``forward`` arguments
+BATCH_KEYS = (
+    "input_ids",
+    "attention_mask",
+    "labels",
+    "pixel_values_videos",
+    "video_frame_counts",
+    "pixel_values_images",
+    "image_tile_counts",
+    "image_grids",
+    "num_visual_tokens",
+    "num_text_tokens",
+    "keys",
+    "sources",
+)
+
+
+@dataclass
+class Sample:
+    """One training sample, ready to batch.
+
+    ``frames``: uint8 ``[F, S, S, 3]`` (F a multiple of 4) or None; ``tiles``: uint8 ``[M, S, S, 3]``
+    or None; ``grid``: ``(gh, gw)`` of an anyres image, ``(0, 0)`` otherwise.
+    ``num_text_tokens`` counts the ids without the placeholder; the model's sequence for the sample is
+    ``num_text_tokens + num_visual_tokens`` long.
+    """
+
+    key: str
+    source: str
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+    frames: torch.Tensor | None = None
+    tiles: torch.Tensor | None = None
+    grid: tuple[int, int] = (0, 0)
+    num_visual_tokens: int = 0
+    num_text_tokens: int = 0
+
+    @property
+    def length(self) -> int:
+        """Tokens of the sample in the LLM once the visual tokens replace the placeholder."""
+        return self.num_text_tokens + self.num_visual_tokens
+
+
+def _concat(parts: list[torch.Tensor], size: int) -> torch.Tensor:
+    """Concatenate uint8 ``[n, S, S, 3]`` parts; inside a DataLoader worker the result is allocated in
+    shared memory directly, so that sending it to the main process costs no second copy."""
+    rows = sum(int(p.shape[0]) for p in parts)
+    shape = (rows, size, size, 3)
+    if parts and tuple(parts[0].shape[1:]) != shape[1:]:
+        raise ValueError(f"expected frames/tiles of {shape[1:]}, got {tuple(parts[0].shape[1:])}")
+    out = torch.empty(shape, dtype=torch.uint8)
+    if rows and get_worker_info() is not None:
+        out.share_memory_()
+    if parts:
+        torch.cat(parts, out=out)
+    return out
+
+
+def collate(samples: list[Sample], pad_token_id: int, image_size: int) -> dict:
+    """Batch ``samples`` (see docs/contracts.md section 1 for every key)."""
+    if not samples:
+        raise ValueError("cannot collate an empty batch")
+    b = len(samples)
+    seq = max(int(s.input_ids.numel()) for s in samples)
+    input_ids = torch.full((b, seq), int(pad_token_id), dtype=torch.long)
+    attention_mask = torch.zeros((b, seq), dtype=torch.long)
+    labels = torch.full((b, seq), IGNORE_INDEX, dtype=torch.long)
+    for i, s in enumerate(samples):
+        n = int(s.input_ids.numel())
+        input_ids[i, :n] = s.input_ids
+        attention_mask[i, :n] = 1
+        labels[i, :n] = s.labels
+    frames = [s.frames for s in samples if s.frames is not None and s.frames.shape[0]]
+    tiles = [s.tiles for s in samples if s.tiles is not None and s.tiles.shape[0]]
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "labels": labels,
+        "pixel_values_videos": _concat(frames, image_size),
+        "video_frame_counts": torch.tensor(
+            [0 if s.frames is None else int(s.frames.shape[0]) for s in samples], dtype=torch.long
+        ),
+        "pixel_values_images": _concat(tiles, image_size),
+        "image_tile_counts": torch.tensor([0 if s.tiles is None else int(s.tiles.shape[0]) for s in samples], dtype=torch.long),
+        "image_grids": torch.tensor([list(s.grid) for s in samples], dtype=torch.long).reshape(b, 2),
+        "num_visual_tokens": torch.tensor([s.num_visual_tokens for s in samples], dtype=torch.long),
+        "num_text_tokens": torch.tensor([s.num_text_tokens for s in samples], dtype=torch.long),
+        "keys": [s.key for s in samples],
+        "sources": [s.source for s in samples],
+    }
