@@ -42,6 +42,7 @@ VISUAL_INPUT_KEYS = (
     "pixel_values_images",
     "image_tile_counts",
     "image_grids",
+    "video_embeds",
 )
 
 
@@ -199,8 +200,13 @@ class VideoFlashForConditionalGeneration(VideoFlashPreTrainedModel, GenerationMi
         pixel_values_images,
         image_tile_counts,
         image_grids,
+        video_embeds=None,
     ):
         """Encode the batch's videos and images (one encoder call each) and split them per sample.
+
+        ``video_embeds`` (inference) are visual tokens computed beforehand, e.g. by
+        :meth:`encode_video_chunked` for a long video: ``[sum of tokens, hidden]`` in the order of
+        ``video_frame_counts``; they take the place of ``encode_video(pixel_values_videos)``.
 
         In training, a batch without videos (or without images) still runs that path on a dummy
         input whose output is added times zero, so every rank calls every module every step and
@@ -209,7 +215,24 @@ class VideoFlashForConditionalGeneration(VideoFlashPreTrainedModel, GenerationMi
         anchor = None  # zero-valued term that keeps dummy outputs in the graph
         t = self.config.frames_per_clip
         has_videos = pixel_values_videos is not None and pixel_values_videos.shape[0] > 0
-        if has_videos:
+        if video_embeds is not None:
+            if has_videos:
+                raise ValueError("pass pixel_values_videos or video_embeds, not both")
+            if video_frame_counts is None:
+                if batch_size != 1:
+                    raise ValueError("video_frame_counts is required when the batch holds several samples")
+                video_frame_counts = torch.tensor([video_embeds.shape[0] // self.config.tokens_per_clip * t])
+            counts = [int(c) for c in video_frame_counts]
+            sizes = [c // t * self.config.tokens_per_clip for c in counts]
+            if any(c % t for c in counts) or sum(sizes) != video_embeds.shape[0]:
+                raise ValueError(
+                    f"video_embeds hold {video_embeds.shape[0]} tokens; video_frame_counts {counts} need {sum(sizes)} "
+                    f"({self.config.tokens_per_clip} per {t} frames)"
+                )
+            for b, (c, chunk) in enumerate(zip(counts, video_embeds.split(sizes, 0))):
+                if c:
+                    per_sample[b] = chunk
+        elif has_videos:
             if video_frame_counts is None:
                 if batch_size != 1:
                     raise ValueError("video_frame_counts is required when the batch holds several samples")
@@ -420,6 +443,7 @@ class VideoFlashForConditionalGeneration(VideoFlashPreTrainedModel, GenerationMi
         past_key_values=None,
         use_cache: bool | None = None,
         dropout_query_positions: torch.Tensor | None = None,
+        video_embeds: torch.Tensor | None = None,
         logits_to_keep: int = 0,
         return_dict: bool = True,
         **kwargs,
@@ -429,7 +453,10 @@ class VideoFlashForConditionalGeneration(VideoFlashPreTrainedModel, GenerationMi
 
         ``dropout_query_positions`` (``[B]``, indices into ``input_ids``) fixes the query token of
         text-guided dropout; by default it is the token before each answer span when ``labels`` are
-        given and the last real token otherwise (the last prompt token at prefill)."""
+        given and the last real token otherwise (the last prompt token at prefill).
+
+        ``video_embeds`` (inference) replaces ``pixel_values_videos`` by visual tokens computed
+        beforehand (:meth:`encode_video_chunked`), with the same ``video_frame_counts``."""
         if input_ids is None:
             raise ValueError("VideoFlash needs input_ids (the visual tokens are spliced into them)")
         if attention_mask is None:
@@ -468,7 +495,7 @@ class VideoFlashForConditionalGeneration(VideoFlashPreTrainedModel, GenerationMi
         else:  # training or prefill
             per_sample, anchor = self._visual_tokens_per_sample(
                 input_ids.shape[0], pixel_values_videos, video_frame_counts, pixel_values_images,
-                image_tile_counts, image_grids,
+                image_tile_counts, image_grids, video_embeds,
             )
             hidden, mask2d, new_labels, starts, counts, qpos, left_padded = self._splice(
                 input_ids, attention_mask, labels, per_sample, anchor, dropout_query_positions
@@ -530,6 +557,63 @@ class VideoFlashForConditionalGeneration(VideoFlashPreTrainedModel, GenerationMi
             if query is not None:
                 inputs["dropout_query_positions"] = query
         return inputs
+
+    # -- inference (the logic lives in inference_videoflash.py) ---------------------------------------
+    def encode_video_chunked(self, frames, max_clips_per_batch: int = 16, total_frames: int | None = None):
+        """:meth:`encode_video` under ``no_grad`` on at most ``max_clips_per_batch`` clips at a time;
+        ``frames`` may be an iterable of uint8 batches (decoded batch by batch). Returns the tokens
+        to pass as ``video_embeds``."""
+        from .inference_videoflash import encode_video_chunked
+
+        return encode_video_chunked(self, frames, max_clips_per_batch, total_frames)
+
+    def enable_yarn(self, factor: float, original_max_position_embeddings: int | None = None, **kwargs) -> dict:
+        """Switch the LLM's RoPE to YaRN (``factor`` over the native length); see inference_videoflash."""
+        from .inference_videoflash import enable_yarn
+
+        return enable_yarn(self, factor, original_max_position_embeddings, **kwargs)
+
+    def disable_yarn(self) -> None:
+        from .inference_videoflash import disable_yarn
+
+        disable_yarn(self)
+
+    def chat(
+        self,
+        video,
+        question: str,
+        processor=None,
+        history: list[dict] | None = None,
+        max_frames: int | None = None,
+        return_history: bool = False,
+        visual_dropout=None,
+        streamer=None,
+        generation_config: dict | None = None,
+        max_clips_per_batch: int = 16,
+        decode_batch_frames: int = 64,
+        **kwargs,
+    ):
+        """Answer ``question`` about ``video`` (a path, bytes or uint8 frames; None for text only).
+
+        Frames are sampled by the processor's policy (``max_frames`` caps them, as VideoChat-Flash's
+        ``max_num_frames``), decoded ``decode_batch_frames`` at a time and encoded
+        ``max_clips_per_batch`` clips at a time, so memory grows with the visual tokens kept.
+        ``history`` holds earlier turns (``[{"role", "content"}, ...]``, as returned with
+        ``return_history=True``); the video's tokens are reused across turns of the same file.
+        ``visual_dropout``: None (the config's setting), ``"published"`` (after layer 4 keep 0.75
+        uniformly, after layer 18 keep 0.25 text-guided), ``"none"``, or ``"4:0.75:uniform,..."``.
+        ``streamer`` (e.g. ``transformers.TextStreamer``) receives tokens as they are generated.
+        Other keyword arguments: ``min_frames``, ``start``/``end`` (seconds), ``images`` (instead of a
+        video), and ``generate`` arguments (``max_new_tokens``, ``do_sample``, ...).
+        Returns the answer, or ``(answer, history)``."""
+        from .inference_videoflash import chat
+
+        return chat(
+            self, video, question, processor=processor, history=history, max_frames=max_frames,
+            return_history=return_history, visual_dropout_spec=visual_dropout, streamer=streamer,
+            generation_config=generation_config, max_clips_per_batch=max_clips_per_batch,
+            decode_batch_frames=decode_batch_frames, **kwargs,
+        )
 
     # -- construction from parts ----------------------------------------------------------------------
     @classmethod

@@ -1,0 +1,326 @@
+#!/usr/bin/env python
+"""Long-video prefill: time and peak memory, with and without progressive visual dropout in the LLM.
+
+CPU (default): a small VideoFlash (UMT width 64 at 64 px; a Qwen2 of width 256 with 12 layers, 4
+visual tokens per frame) answers a question about 64 .. several thousand frames. For every frame
+count the visual tokens are computed once, in bounded batches (``encode_video_chunked``), then the
+prompt is prefilled (``use_cache=True``, last-token logits, as ``generate`` does) twice: without
+dropout and with the published schedule scaled to the model's depth (VideoChat-Flash: after layer 4
+of 28 keep 75% uniformly, after layer 18 keep 25% text-guided; here after layers round(4/28 n) and
+round(18/28 n)). Peak memory is the resident set's high-water mark (VmHWM, reset before each
+prefill) above the resident set at its start. The last lines print the ratios dropout / no dropout.
+
+    python scripts/bench_long_video.py                          # CPU, 64 256 1024 4096 frames
+    python scripts/bench_long_video.py --frames 64 512 --layers 28 --dropout published
+
+GPU (``--device cuda``, when one is available): a 7B-class LLM (Qwen2-7B's shape: hidden 3584, 28
+layers, 28/4 heads, random bf16 weights) with 16 tokens per frame; visual tokens are random (the
+encoder runs in bounded chunks, so it never limits the frame count); frame counts double from
+``--start-frames`` until a prefill runs out of memory, then bisect to ``--resolution`` frames.
+Prints, with and without dropout, the largest frame count that fits, its prefill time and peak
+memory (``torch.cuda.max_memory_allocated``).
+
+    python scripts/bench_long_video.py --device cuda --search [--yarn 4]
+    python scripts/bench_long_video.py --device cuda --frames 1024 4096 8192   # a table, no search
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from videoflash.model.configuration_videoflash import VideoFlashConfig  # noqa: E402
+from videoflash.model.inference_videoflash import PUBLISHED_DROPOUT, parse_dropout  # noqa: E402
+from videoflash.model.modeling_videoflash import VideoFlashForConditionalGeneration  # noqa: E402
+
+QWEN2_7B = dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                num_key_value_heads=4, vocab_size=152064, rope_theta=1_000_000.0, max_position_embeddings=32768)
+UMT_L = dict(width=1024, depth=23, num_heads=16, image_size=224, patch_size=16)
+
+
+def _ratio(a: float, b: float) -> str:
+    return f"x{a / b:.2f}" if b > 0 else "n/a"
+
+
+def _status(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key):
+                return int(line.split()[1]) * 1024
+    raise KeyError(key)
+
+
+class CpuPeak:
+    """Peak resident memory above the start of the block (VmHWM is reset by writing 5 to clear_refs)."""
+
+    def __enter__(self):
+        gc.collect()
+        self.base = _status("VmRSS")
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return self
+
+    def __exit__(self, *exc):
+        self.peak = _status("VmHWM") - self.base
+        return False
+
+
+def scaled_dropout(layers: int, spec: str):
+    """The dropout schedule: ``published`` as is when the LLM is deep enough, else its layers scaled
+    to ``layers`` (4/28 and 18/28 of the depth); any other spec as parse_dropout reads it."""
+    if spec != "published-scaled":
+        return parse_dropout(spec)
+    if layers > max(PUBLISHED_DROPOUT["layers"]):
+        return parse_dropout("published")
+    points = sorted({max(1, min(layers - 1, round(x / 28 * layers))) for x in PUBLISHED_DROPOUT["layers"]})
+    if len(points) < 2:
+        raise SystemExit(f"an LLM of {layers} layers is too shallow for two drop points")
+    return points, list(PUBLISHED_DROPOUT["keep_ratios"]), list(PUBLISHED_DROPOUT["kinds"])
+
+
+def build_model(args, device, dtype) -> VideoFlashForConditionalGeneration:
+    torch.manual_seed(0)
+    if args.device == "cuda":
+        text = dict(QWEN2_7B, model_type="qwen2")
+        vision = dict(UMT_L)
+        tokens_per_clip = 64
+    else:
+        text = dict(model_type="qwen2", hidden_size=args.width, intermediate_size=int(args.width * 2.75),
+                    num_hidden_layers=args.layers, num_attention_heads=args.width // 64,
+                    num_key_value_heads=max(1, args.width // 128), vocab_size=1024, rope_theta=1_000_000.0,
+                    max_position_embeddings=32768)
+        vision = dict(width=64, depth=2, num_heads=4, image_size=64, patch_size=16)
+        tokens_per_clip = args.tokens_per_frame * 4
+    config = VideoFlashConfig(vision_config=vision, text_config=text, tokens_per_clip=tokens_per_clip,
+                              tokens_per_image=tokens_per_clip, image_token_id=text["vocab_size"] - 1)
+    config.text_config._attn_implementation = "sdpa"
+    if args.device == "cuda":
+        # build in place, in bf16: 7B parameters never exist in fp32 or on the host
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        try:
+            with torch.device(device):
+                model = VideoFlashForConditionalGeneration(config)
+        finally:
+            torch.set_default_dtype(default)
+        model = model.to(dtype)
+    else:
+        model = VideoFlashForConditionalGeneration(config).to(dtype)
+    if args.yarn:
+        model.enable_yarn(args.yarn)
+    return model.eval()
+
+
+def prompt_ids(model, text_tokens: int = 48) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.config.text_config.vocab_size - 2, (1, text_tokens), generator=g)
+    ids[0, 8] = model.config.image_token_id
+    return ids
+
+
+def visual_tokens(model, frames: int, device, chunk_clips: int) -> tuple[torch.Tensor, float]:
+    """Visual tokens of ``frames`` random frames, encoded in bounded batches; returns them and the time."""
+    size = model.config.image_size
+    g = torch.Generator().manual_seed(frames)
+
+    def batches():
+        step = chunk_clips * model.config.frames_per_clip
+        for lo in range(0, frames, step):
+            n = min(step, frames - lo)
+            yield torch.randint(0, 256, (n, size, size, 3), generator=g, dtype=torch.uint8)
+
+    t0 = time.perf_counter()
+    embeds = model.encode_video_chunked(batches(), chunk_clips, total_frames=frames)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return embeds, time.perf_counter() - t0
+
+
+def prefill(model, ids, embeds, frames, schedule):
+    """One prefill (cache on, last-token logits) with the dropout ``schedule`` or none."""
+    cfg = model.config
+    if schedule is None:
+        cfg.visual_dropout_in_inference = False
+    else:
+        cfg.set_visual_dropout(*schedule, inference=True)
+    with torch.no_grad():
+        out = model(input_ids=ids, video_embeds=embeds, video_frame_counts=torch.tensor([frames]), use_cache=True,
+                    logits_to_keep=1)
+    cfg.visual_dropout_in_inference = False
+    return out
+
+
+def run_cpu(args) -> None:
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    device = torch.device("cpu")
+    model = build_model(args, device, torch.float32)
+    schedule = scaled_dropout(model.config.text_config.num_hidden_layers, args.dropout)
+    ids = prompt_ids(model)
+    tc = model.config.text_config
+    print(f"# CPU, {torch.get_num_threads()} threads; LLM qwen2 width {tc.hidden_size}, {tc.num_hidden_layers} layers, "
+          f"{model.config.tokens_per_frame} visual tokens per frame; dropout after layers {schedule[0]} keep "
+          f"{schedule[1]} ({schedule[2]})")
+    # warm-up (thread pools, kernels)
+    emb, _ = visual_tokens(model, 16, device, args.chunk_clips)
+    prefill(model, ids, emb, 16, None)
+    prefill(model, ids, emb, 16, schedule)
+    rows = []
+    header = (f"{'frames':>7} {'tokens':>7} {'encode s':>9} {'prefill s':>10} {'+drop s':>8} {'cpu s':>8} "
+              f"{'+drop cpu':>9} {'peak MB':>8} {'+drop MB':>9}")
+    print(header)
+    for frames in args.frames:
+        embeds, t_enc = visual_tokens(model, frames, device, args.chunk_clips)
+        # interleaved repeats: the fastest time and the highest peak of each setting
+        # (wall s, CPU s of this process, peak MB): CPU time is what the prefill costs when other
+        # processes share the cores; wall time is what a user waits
+        res = {"base": (float("inf"), float("inf"), 0.0), "drop": (float("inf"), float("inf"), 0.0)}
+        for rep in range(args.repeat):
+            order = (("base", None), ("drop", schedule))
+            for name, sched in order if rep % 2 == 0 else order[::-1]:
+                with CpuPeak() as peak:
+                    t0, c0 = time.perf_counter(), time.process_time()
+                    out = prefill(model, ids, embeds, frames, sched)
+                    elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
+                del out
+                w, c, m = res[name]
+                res[name] = (min(w, elapsed), min(c, cpu), max(m, max(peak.peak, 0) / 2**20))
+        tokens = embeds.shape[0] + ids.shape[1] - 1
+        rows.append((frames, tokens, t_enc, res))
+        b, d = res["base"], res["drop"]
+        print(f"{frames:>7} {tokens:>7} {t_enc:>9.2f} {b[0]:>10.2f} {d[0]:>8.2f} {b[1]:>8.2f} {d[1]:>9.2f} "
+              f"{b[2]:>8.1f} {d[2]:>9.1f}", flush=True)
+        del embeds
+    print("# ratios, with dropout / without (prefill wall time, CPU time, peak memory):")
+    for frames, tokens, _, res in rows:
+        b, d = res["base"], res["drop"]
+        print(f"frames {frames:>6}: wall {_ratio(d[0], b[0])}  cpu {_ratio(d[1], b[1])}  peak memory {_ratio(d[2], b[2])}")
+    if len(rows) > 1:
+        f0, f1 = rows[0][3], rows[-1][3]
+        print(f"scaling {rows[0][0]} -> {rows[-1][0]} frames ({rows[-1][0] / rows[0][0]:.0f}x): prefill CPU time "
+              f"{_ratio(f1['base'][1], f0['base'][1])} without dropout, {_ratio(f1['drop'][1], f0['drop'][1])} with; "
+              f"peak memory {_ratio(f1['base'][2], f0['base'][2])} / {_ratio(f1['drop'][2], f0['drop'][2])}")
+
+
+def run_cuda(args) -> None:
+    if not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is visible")
+    device = torch.device("cuda")
+    model = build_model(args, device, torch.bfloat16)
+    schedule = scaled_dropout(model.config.text_config.num_hidden_layers, args.dropout)
+    ids = prompt_ids(model).to(device)
+    hidden = model.config.text_config.hidden_size
+    tpf = model.config.tokens_per_frame
+    props = torch.cuda.get_device_properties(0)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30
+    print(f"# {props.name}, {props.total_memory / 2**30:.0f} GiB; Qwen2-7B-shaped LLM + UMT-L, bf16, {weights:.1f} GiB "
+          f"of weights; {tpf} tokens per frame; dropout after layers {schedule[0]} keep {schedule[1]} ({schedule[2]})"
+          + (f"; YaRN x{args.yarn}" if args.yarn else ""))
+    # the encoder in bounded chunks: its peak does not depend on the frame count
+    torch.cuda.reset_peak_memory_stats()
+    _, t_enc = visual_tokens(model, 256, device, args.chunk_clips)
+    print(f"# encoder: 256 frames in {t_enc:.2f} s, peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB "
+          f"({args.chunk_clips} clips per call)")
+
+    def attempt(frames, sched):
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        try:
+            g = torch.Generator(device=device).manual_seed(frames)
+            embeds = torch.randn(frames * tpf, hidden, device=device, dtype=torch.bfloat16, generator=g) * 0.02
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            out = prefill(model, ids, embeds, frames, sched)
+            torch.cuda.synchronize()
+            elapsed = time.perf_counter() - t0
+            del out, embeds
+            return elapsed, torch.cuda.max_memory_allocated() / 2**30
+        except torch.cuda.OutOfMemoryError:
+            return None
+
+    if not args.search:
+        rows = []
+        for frames in args.frames:
+            r = {name: attempt(frames, sched) for name, sched in (("base", None), ("drop", schedule))}
+            rows.append((frames, r))
+            fmt = lambda x: "OOM" if x is None else f"{x[0]:.2f} s {x[1]:.1f} GiB"  # noqa: E731
+            print(f"{frames:>7} frames: without dropout {fmt(r['base'])}, with {fmt(r['drop'])}", flush=True)
+        print("# ratios, with dropout / without (prefill time, peak memory):")
+        for frames, r in rows:
+            if r["base"] and r["drop"]:
+                print(f"frames {frames:>6}: time {_ratio(r['drop'][0], r['base'][0])}  peak memory "
+                      f"{_ratio(r['drop'][1], r['base'][1])}")
+        return
+    results = {}
+    for name, sched in (("no dropout", None), ("dropout", schedule)):
+        fits, fails, timing = None, None, None
+        n = args.start_frames
+        while n <= args.max_frames:
+            r = attempt(n, sched)
+            print(f"  {name}: {n} frames ({n * tpf} tokens): " + ("OOM" if r is None else f"{r[0]:.1f} s, {r[1]:.1f} GiB"),
+                  flush=True)
+            if r is None:
+                fails = n
+                break
+            fits, timing, n = n, r, n * 2
+        while fails is not None and fits is not None and fails - fits > args.resolution:
+            mid = (fits + fails) // 2 // 4 * 4
+            r = attempt(mid, sched)
+            print(f"  {name}: {mid} frames: " + ("OOM" if r is None else f"{r[0]:.1f} s, {r[1]:.1f} GiB"), flush=True)
+            if r is None:
+                fails = mid
+            else:
+                fits, timing = mid, r
+        results[name] = (fits, fails, timing)
+    print("# largest frame count whose prefill fits:")
+    for name, (fits, fails, timing) in results.items():
+        bound = f"(OOM at {fails})" if fails else f"(no OOM up to --max-frames {args.max_frames})"
+        print(f"{name}: {fits} frames {bound}, prefill {timing[0]:.1f} s, peak {timing[1]:.1f} GiB" if fits else
+              f"{name}: not even {args.start_frames} frames fit")
+    a, b = results["no dropout"][0], results["dropout"][0]
+    if a and b:
+        print(f"ratio dropout / no dropout: frames that fit x{b / a:.2f}")
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--frames", type=int, nargs="+", default=[64, 256, 1024, 4096], help="frame counts")
+    p.add_argument("--width", type=int, default=256, help="CPU: LLM width")
+    p.add_argument("--layers", type=int, default=12, help="CPU: LLM layers")
+    p.add_argument("--tokens-per-frame", type=int, default=4, help="CPU: visual tokens per frame")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's)")
+    p.add_argument("--dropout", default="published-scaled",
+                   help="published-scaled (default) | published | 'layer:ratio:kind,...'")
+    p.add_argument("--chunk-clips", type=int, default=16, help="clips per encoder call")
+    p.add_argument("--yarn", type=float, default=None, help="YaRN factor (contexts beyond 32k positions)")
+    p.add_argument("--search", action="store_true", help="CUDA: search the largest frame count that fits")
+    p.add_argument("--start-frames", type=int, default=1024)
+    p.add_argument("--max-frames", type=int, default=65536)
+    p.add_argument("--resolution", type=int, default=256)
+    p.add_argument("--repeat", type=int, default=2, help="CPU: prefills per setting (fastest time, highest peak)")
+    args = p.parse_args(argv)
+    if args.device == "cpu" and os.environ.get("MALLOC_MMAP_THRESHOLD_") is None and argv is None:
+        # glibc then returns large blocks to the OS when they are freed, so the resident set follows
+        # live memory and its high-water mark is the peak of the measured block
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"})
+    for frames in args.frames:
+        if frames % 4:
+            raise SystemExit(f"frame counts are multiples of 4, got {frames}")
+    if args.device == "cuda":
+        run_cuda(args)
+    else:
+        run_cpu(args)
+
+
+if __name__ == "__main__":
+    main()
