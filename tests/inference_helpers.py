@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tests.tiny_model import tiny_config
+
 from videoflash.data.tokenizer import build_chatml_tokenizer
 from videoflash.model.configuration_videoflash import VideoFlashConfig
 from videoflash.model.modeling_videoflash import VideoFlashForConditionalGeneration
@@ -64,24 +66,14 @@ def tiny_tokenizer():
 
 
 def tiny_chat_config(tokenizer, layers: int = 4, hidden: int = 64, **overrides) -> VideoFlashConfig:
-    """UMT width 64 at 64 px (16 tokens per 4-frame clip after merging, 4 per frame) and a Qwen2 of
-    ``layers`` layers over the tokenizer's vocabulary."""
-    text = dict(
-        model_type="qwen2", hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=1024,
-        rope_theta=10000.0, tie_word_embeddings=False,
-    )
+    """The tiny test model of tests/tiny_model.py over the tokenizer's vocabulary, with ``layers``
+    layers of width ``hidden`` and tiles of at most 2x2."""
+    text = dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                vocab_size=len(tokenizer), tie_word_embeddings=False)
     text.update(overrides.pop("text", {}))
-    kwargs = dict(
-        vision_config=dict(width=64, depth=2, num_heads=4, image_size=64, patch_size=16),
-        text_config=text,
-        tokens_per_clip=16,
-        tokens_per_image=16,
-        max_grid=2,
-        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-    )
+    kwargs = dict(text=text, max_grid=2, image_token_id=tokenizer.convert_tokens_to_ids("<image>"))
     kwargs.update(overrides)
-    return VideoFlashConfig(**kwargs)
+    return tiny_config(**kwargs)
 
 
 def tiny_chat_model(tokenizer, seed: int = 0, **overrides) -> VideoFlashForConditionalGeneration:
