@@ -1,0 +1,268 @@
+"""The config tree: composition of every group and experiment, the published stage recipe, what a
+user sees for `stage=3` and for a misspelt key, the DeepSpeed JSON, and the engine's pure pieces
+(rank discovery, LR schedule, parameter groups, FLOPs, preemption flag)."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from videoflash.config import CONFIG_DIR, ConfigError, compose, normalize_overrides, validate
+
+REPO = Path(__file__).resolve().parents[1]
+GROUPS = ("model", "data", "stage", "deepspeed", "logger", "launcher", "experiment")
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
+
+
+def cli(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "videoflash.train", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+# -- composition ---------------------------------------------------------------------------------
+def test_every_group_has_the_options_the_issue_lists():
+    assert set(options("stage")) == {"stage1", "stage2", "stage3", "stage4"}
+    assert {"tiny", "umtl_qwen25_1p5b_448", "umtl_qwen2_7b_224"} <= set(options("model"))
+    assert {"synthetic", "mix_template"} <= set(options("data"))
+    assert {"zero3", "zero3_offload", "zero1"} <= set(options("deepspeed"))
+    assert {"wandb", "none"} <= set(options("logger"))
+    assert {"local", "slurm"} <= set(options("launcher"))
+    assert "quickstart" in options("experiment")
+
+
+@pytest.mark.parametrize("experiment", [None, *options("experiment")])
+@pytest.mark.parametrize("stage", [1, 2, 3, 4])
+def test_every_stage_and_experiment_composes_and_validates(stage, experiment):
+    overrides = [f"stage={stage}"] + ([f"experiment={experiment}"] if experiment else [])
+    typed = validate(compose(overrides))
+    assert typed.stage.id == stage
+
+
+@pytest.mark.parametrize("group", ["model", "data", "deepspeed", "logger", "launcher"])
+def test_every_option_of_every_group_composes_and_validates(group):
+    for option in options(group):
+        validate(compose([f"{group}={option}", "stage=2"]))
+
+
+# -- the published recipe (videochat_flash.md §4) ------------------------------------------------
+ALL = ["vision_tower", "connector", "language_model"]
+RECIPE = {  # stage: (trainable, lr, encoder lr, min frames, max frames, max tokens, global batch)
+    1: (["connector"], 1e-3, None, 4, 4, 8192, 512),
+    2: (ALL, 1e-5, 2e-6, 4, 8, 32768, 256),
+    3: (ALL, 1e-5, 2e-6, 64, 512, 32768, 256),
+    4: (["vision_tower", "connector"], 1e-5, 2e-6, 64, 512, 32768, 256),
+}
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3, 4])
+def test_stage_defaults_follow_the_published_recipe(stage):
+    c = validate(compose([f"stage={stage}", "model=umtl_qwen2_7b_224"]))
+    trainable, lr, vision_lr, fmin, fmax, tokens, batch = RECIPE[stage]
+    s = c.stage
+    assert sorted(s.trainable) == sorted(trainable)
+    assert s.lr == pytest.approx(lr)
+    if vision_lr is not None:
+        assert s.vision_lr == pytest.approx(vision_lr)
+    assert (s.frames.min_frames, s.frames.max_frames) == (fmin, fmax)
+    assert s.max_tokens == tokens
+    assert s.global_batch_size == batch
+    assert s.warmup_ratio == pytest.approx(0.03) and s.lr_schedule == "cosine" and s.weight_decay == 0.0
+    assert s.image_size == (448 if stage == 4 else 224)  # the 7B recipe: 224 px, stage 4 at 448 px
+    assert s.init is None  # stage N starts from stage N-1's export (stage 1: from parts)
+    assert c.train.activation_checkpointing and c.train.precision == "auto"
+    assert s.frames.sampling == ("middle" if stage == 1 else "dynamic_fps1")
+
+
+def test_the_2b_preset_is_448_px_from_stage_1():
+    assert validate(compose(["stage=1", "model=umtl_qwen25_1p5b_448"])).stage.image_size == 448
+
+
+# -- what users type -------------------------------------------------------------------------------
+def test_stage_number_maps_to_the_group_option():
+    assert normalize_overrides(["stage=3", "stage.lr=1e-4", "model=tiny"]) == ["stage=stage3", "stage.lr=1e-4", "model=tiny"]
+    assert normalize_overrides(["stage=stage2"]) == ["stage=stage2"]
+
+
+def test_cli_stage_3_selects_stage_3():
+    out = cli("stage=3", "--cfg", "job")
+    assert out.returncode == 0, out.stderr
+    cfg = OmegaConf.create(out.stdout)
+    assert cfg.stage.id == 3 and cfg.stage.name == "long_sft"
+    assert cfg.stage.frames.min_frames == 64 and cfg.stage.frames.max_frames == 512
+
+
+@pytest.mark.parametrize(
+    "override, named",
+    [
+        ("stage.lrr=0.1", "lrr"),  # misspelt key
+        ("stgae=3", "stgae"),  # misspelt top-level key
+        ("stage.lr=abc", "stage.lr"),  # wrong type
+        ("deepspeed.zero_stage=three", "deepspeed.zero_stage"),
+        ("stage.trainable=[llm]", "stage.trainable"),  # a value the schema's type allows but validation does not
+    ],
+)
+def test_a_bad_key_or_value_stops_before_any_work_naming_the_key(tmp_path, override, named):
+    out = cli(override, f"run_root={tmp_path / 'run'}")
+    assert out.returncode != 0
+    assert named in out.stderr
+    assert "shm_comm_op" not in out.stdout + out.stderr  # DeepSpeed never started
+    assert "videoflash.train]" not in out.stdout + out.stderr  # nor the trainer
+    assert not (tmp_path / "run").exists()  # and nothing was written
+
+
+def test_validation_errors_name_their_key():
+    cfg = compose(["stage=2"])
+    cfg.stage.global_batch_size = 10
+    cfg.stage.micro_batch_size = 4
+    with pytest.raises(ConfigError) as err:
+        validate(cfg)
+    assert err.value.key == "stage.global_batch_size"
+
+
+def test_per_stage_resolver_picks_the_stage_value():
+    q = [validate(compose(["experiment=quickstart", f"stage={s}"])) for s in (1, 2, 3, 4)]
+    assert len({c.stage.max_steps for c in q}) > 1  # tuned per stage
+    assert q[0].stage.trainable == ["connector"] and q[3].stage.trainable == ["vision_tower", "connector"]
+    assert q[3].stage.image_size == q[3].model.hires_image_size > q[0].stage.image_size
+
+
+# -- DeepSpeed JSON from typed fields ------------------------------------------------------------------
+def test_deepspeed_json_is_rendered_from_typed_fields_and_accepted_by_deepspeed():
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    from videoflash.train.ds_config import render
+
+    for option in ("zero3", "zero3_offload", "zero1"):
+        c = validate(compose(["stage=2", f"deepspeed={option}"]))
+        ds = render(c.deepspeed, global_batch=256, micro_batch=1, world_size=32, bf16=True, grad_clip=1.0)
+        assert ds["train_batch_size"] == 256 and ds["gradient_accumulation_steps"] == 8  # 1 x 8 on 32 GPUs
+        assert ds["bf16"]["enabled"] is True and "optimizer" not in ds
+        zero = DeepSpeedZeroConfig(**ds["zero_optimization"])  # pydantic: unknown keys are rejected
+        assert int(zero.stage) == c.deepspeed.zero_stage
+    with pytest.raises(ValueError, match="global_batch_size"):
+        render(c.deepspeed, global_batch=100, micro_batch=1, world_size=32, bf16=True, grad_clip=1.0)
+
+
+# -- ranks from the environment ----------------------------------------------------------------------
+def test_ranks_come_from_torchrun_then_srun_else_one_process():
+    from videoflash.train.distributed import detect
+
+    torchrun = {"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "8", "SLURM_PROCID": "0", "SLURM_STEP_NUM_TASKS": "2"}
+    assert (detect(torchrun).rank, detect(torchrun).local_rank, detect(torchrun).world_size) == (3, 1, 8)
+    assert detect(torchrun).launcher == "torchrun"
+    srun = {"SLURM_PROCID": "5", "SLURM_LOCALID": "1", "SLURM_STEP_NUM_TASKS": "8", "SLURM_NTASKS": "8"}
+    d = detect(srun)
+    assert (d.rank, d.local_rank, d.world_size, d.launcher) == (5, 1, 8, "slurm")
+    batch_script = {"SLURM_PROCID": "0", "SLURM_NTASKS": "8", "SLURM_JOB_ID": "12"}  # sbatch's own shell
+    assert detect(batch_script).launcher == "single" and detect(batch_script).world_size == 1
+    assert detect({}).world_size == 1
+
+
+# -- LR schedule, parameter groups, freezing ----------------------------------------------------------
+def test_cosine_schedule_with_three_percent_warm_up():
+    from videoflash.train.stages import lr_lambda, warmup_steps
+
+    total = 1000
+    f = lr_lambda(total, 0.03, "cosine")
+    assert warmup_steps(total, 0.03) == 30
+    assert f(0) == pytest.approx(1 / 30) and f(29) == pytest.approx(1.0)
+    assert f(30) == pytest.approx(1.0)
+    assert f(30 + 485) == pytest.approx(0.5, abs=1e-3)  # half-way through the decay
+    assert f(999) == pytest.approx(0.5 * (1 + math.cos(math.pi * 969 / 970)))
+    assert all(f(s) >= f(s + 1) for s in range(30, 999))
+
+
+def _tiny_model():
+    from videoflash.model.configuration_videoflash import VideoFlashConfig
+    from videoflash.model.modeling_videoflash import VideoFlashForConditionalGeneration
+
+    text = dict(model_type="qwen2", hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=64)
+    cfg = VideoFlashConfig(vision_config=dict(width=32, depth=1, num_heads=4, image_size=32, patch_size=16),
+                           text_config=text, tokens_per_clip=8, tokens_per_image=8, image_token_id=63)
+    return VideoFlashForConditionalGeneration(cfg)
+
+
+@pytest.mark.parametrize("stage", [1, 2, 4])
+def test_freezing_and_per_module_learning_rates(stage):
+    from videoflash.train.stages import apply_trainable, param_groups
+
+    s = validate(compose([f"stage={stage}"])).stage
+    model = _tiny_model()
+    counts = apply_trainable(model, s.trainable)
+    by_part = {p: sum(x.numel() for n, x in model.named_parameters() if n.startswith(p + ".")) for p in counts}
+    for part, c in counts.items():
+        assert c["total"] == by_part[part]
+        assert c["trainable"] == (by_part[part] if part in s.trainable else 0)
+    groups = param_groups(model, s)
+    expected_lr = {"vision_tower": s.vision_lr or s.lr, "connector": s.connector_lr or s.lr, "language_model": s.lr}
+    assert {g["name"] for g in groups} == set(s.trainable)
+    for g in groups:
+        assert g["lr"] == pytest.approx(expected_lr[g["name"]])
+        assert all(p.requires_grad for p in g["params"])
+    assert sum(p.numel() for g in groups for p in g["params"]) == sum(by_part[p] for p in s.trainable)
+
+
+# -- model FLOPs against torch's own FLOP counter -------------------------------------------------------
+def test_analytic_flops_match_torch_flop_counter():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from videoflash.train.flops import FlopsModel
+
+    model = _tiny_model().eval()
+    fm = FlopsModel.from_config(model.config, trainable=[])
+    frames = torch.randint(0, 255, (4, 32, 32, 3), dtype=torch.uint8)
+    with FlopCounterMode(display=False) as fc:
+        with torch.no_grad():
+            model.vision_tower(model._normalize(frames).reshape(1, 4, 3, 32, 32))
+    assert fm.encoder_forward(4) == pytest.approx(fc.get_total_flops(), rel=0.02)
+
+    n = 40
+    ids = torch.randint(0, 60, (1, n))
+    with FlopCounterMode(display=False) as fc:
+        with torch.no_grad():
+            model.language_model(input_ids=ids)
+    # torch counts full (non-causal) attention; the analytic count halves it for causal masking
+    L, h = model.config.text_config.num_hidden_layers, model.config.text_config.hidden_size
+    assert fm.llm_forward(n) + 2 * L * n * n * h == pytest.approx(fc.get_total_flops(), rel=0.02)
+
+
+def test_training_flops_count_backward_only_where_gradients_flow():
+    from videoflash.train.flops import FlopsModel
+
+    model = _tiny_model()
+    batch = {"video_frame_counts": torch.tensor([4, 8]), "image_tile_counts": torch.tensor([0, 0]),
+             "num_text_tokens": torch.tensor([20, 30]), "num_visual_tokens": torch.tensor([8, 16])}
+    fwd = FlopsModel.from_config(model.config, [])
+    f1 = FlopsModel.from_config(model.config, ["connector"]).batch(batch)
+    f2 = FlopsModel.from_config(model.config, ALL).batch(batch)
+    enc = 3 * fwd.encoder_forward(4)
+    llm = fwd.llm_forward(28) + fwd.llm_forward(46)
+    assert f1["vision"] == pytest.approx(enc)  # frozen encoder, nothing before it trains: forward only
+    assert f1["llm"] == pytest.approx(2 * llm)  # frozen LLM with a trainable connector below: fwd + input grads
+    assert f2["vision"] == pytest.approx(3 * enc) and f2["llm"] == pytest.approx(3 * llm)
+
+
+# -- preemption flag -----------------------------------------------------------------------------------
+def test_a_signal_sets_the_stop_flag():
+    from videoflash.train.preemption import Preemption
+
+    p = Preemption(["SIGUSR1"], torch.device("cpu"))
+    try:
+        assert not p.should_stop()
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert p.should_stop()
+    finally:
+        p.restore()

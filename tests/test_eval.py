@@ -1,0 +1,72 @@
+"""The held-out synthetic evaluation: prompts identical to training up to the answer, scores and
+chance levels against the corpus's own answers and meta.json."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import pytest
+import torch
+
+from videoflash.eval.synthetic import EvalResult, FrameSettings, TaskScore, evaluate, load_records, normalize_answer, prepare
+
+
+def test_answer_normalisation():
+    assert normalize_answer("  Red.") == "red"
+    assert normalize_answer("blue\n") == "blue"
+    assert normalize_answer("yellow!") == normalize_answer("Yellow")
+    assert normalize_answer("green blue") != "green"
+
+
+def test_overall_accuracy_and_chance_are_question_weighted():
+    r = EvalResult(tasks={"color": TaskScore(correct=3, total=4, chance=1 / 4), "shape": TaskScore(correct=0, total=2, chance=1 / 3)})
+    assert r.accuracy == pytest.approx(3 / 6)
+    assert r.chance == pytest.approx((4 * 0.25 + 2 / 3) / 6)
+    assert "| **all** | 6 | 0.500 |" in r.table()
+
+
+def test_eval_prompt_is_the_training_sample_up_to_its_answer(tiny_corpus):
+    from videoflash.data.conversation import ConversationTokenizer, normalize_conversation, place_placeholder, time_message
+    from videoflash.data.decode import VideoDecoder
+    from videoflash.data.tokenizer import build_chatml_tokenizer
+
+    tok = build_chatml_tokenizer()
+    conv = ConversationTokenizer(tok, "chatml")
+    fs = FrameSettings(image_size=64, policy="dynamic_fps1", min_frames=4, max_frames=8)
+    for rec in load_records(tiny_corpus / "heldout.jsonl", max_samples=4):
+        item = prepare(rec, tiny_corpus, tok, fs)
+        dec = VideoDecoder((tiny_corpus / rec["video"]).read_bytes(), size=64)
+        n = item["frames"].shape[0]
+        messages = place_placeholder(normalize_conversation(rec["conversations"]), True, time_message(dec.duration, n))
+        full = conv(messages)
+        first_label = next(i for i, x in enumerate(full.labels) if x != -100)
+        assert item["input_ids"] == full.input_ids[:first_label]
+        assert tok.decode(full.input_ids[first_label:]).startswith(rec["answer"])
+
+
+def test_evaluate_scores_every_question_against_its_answer(tiny_corpus, tmp_path):
+    from videoflash.data.tokenizer import build_chatml_tokenizer
+    from videoflash.model.modeling_videoflash import VideoFlashForConditionalGeneration
+
+    tok = build_chatml_tokenizer()
+    text = dict(model_type="qwen2", hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=len(tok), max_position_embeddings=2048)
+    torch.manual_seed(0)
+    model = VideoFlashForConditionalGeneration.from_parts(
+        text=text, vision=None, vision_config=dict(width=32, depth=1, num_heads=4, image_size=64, patch_size=16),
+        tokenizer=tok, tokens_per_clip=8, tokens_per_image=8,
+    )
+    fs = FrameSettings(image_size=64, policy="dynamic_fps1", min_frames=4, max_frames=8)
+    result = evaluate(model, tok, tiny_corpus / "heldout.jsonl", fs, batch_size=5, max_new_tokens=3, progress=False)
+
+    records = load_records(tiny_corpus / "heldout.jsonl")
+    meta = json.loads((tiny_corpus / "meta.json").read_text())
+    assert result.total == len(records)
+    assert {t: s.total for t, s in result.tasks.items()} == dict(Counter(r["task"] for r in records))
+    for task, score in result.tasks.items():
+        assert score.chance == pytest.approx(meta["tasks"][task]["chance"])
+    by_id = {r["id"]: r for r in records}
+    for p in result.predictions:
+        assert p["correct"] == (normalize_answer(p["output"]) == by_id[p["id"]]["answer"])
+    assert sum(p["correct"] for p in result.predictions) == sum(s.correct for s in result.tasks.values())

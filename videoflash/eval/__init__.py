@@ -1,0 +1,1 @@
+"""Evaluation. ``synthetic``: answer accuracy on the synthetic corpus's held-out questions."""
