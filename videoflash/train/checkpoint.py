@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 DS_TAG = "deepspeed"
+#: the same checkpoint converted for another number of ranks (DeepSpeed universal checkpoint)
+UNIVERSAL_TAG = "deepspeed_universal"
 
 
 def rng_state() -> dict[str, Any]:
@@ -125,16 +127,43 @@ class CheckpointManager:
                 shutil.rmtree(path, ignore_errors=True)
 
     # -- loading ----------------------------------------------------------------------------------
+    def written_by(self, path: str | os.PathLike) -> int:
+        """The number of ranks that wrote the checkpoint at ``path``."""
+        return int(json.loads((Path(path) / "trainer_state.json").read_text())["world_size"])
+
+    def prepare_universal(self, path: str | os.PathLike) -> None:
+        """Collective. Rank 0 converts ``path``'s DeepSpeed files into a universal checkpoint once
+        (``deepspeed_universal/`` beside them, written under a temporary name, then renamed), so that
+        a run with another number of ranks can load it."""
+        path = Path(path)
+        final = path / UNIVERSAL_TAG
+        if self.rank == 0 and not final.is_dir():
+            import subprocess
+            import sys
+
+            tmp = path / f".tmp_{UNIVERSAL_TAG}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(path / DS_TAG),
+                   "--output_folder", str(tmp), "--inject_missing_state", "--num_extract_workers", "1",
+                   "--num_merge_workers", "1"]
+            log.info("converting %s to a universal checkpoint: %s", path, " ".join(cmd))
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            if done.returncode:
+                raise RuntimeError(f"converting {path} to a universal checkpoint failed:\n{done.stderr[-2000:]}")
+            os.replace(tmp, final)
+        distributed.barrier()
+
     def load(self, engine, path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
-        """Restore ``engine`` (model, optimizer, LR schedule) and return (trainer state, rank state)."""
+        """Restore ``engine`` (model, optimizer, LR schedule) and return (trainer state, rank state).
+
+        A checkpoint written by another number of ranks is loaded from its universal conversion
+        (:meth:`prepare_universal`, which the engine config must enable before
+        ``deepspeed.initialize``); the rank state then has no loader position (``None``)."""
         path = Path(path)
         state = json.loads((path / "trainer_state.json").read_text())
-        if state.get("world_size") != self.world_size:
-            raise RuntimeError(
-                f"{path} was written by {state.get('world_size')} ranks and this run has {self.world_size}: "
-                "resume with the same number of processes, or start the stage over (resume=never)"
-            )
         self._remove_leftovers()
+        if state.get("world_size") != self.world_size:
+            return state, self._load_universal(engine, path, state)
         load_path, _ = engine.load_checkpoint(
             str(path), tag=DS_TAG, load_optimizer_states=True, load_lr_scheduler_states=True
         )
@@ -142,3 +171,26 @@ class CheckpointManager:
             raise RuntimeError(f"DeepSpeed could not load the checkpoint in {path / DS_TAG}")
         rank_state = torch.load(path / f"rank{self.rank:05d}.pt", map_location="cpu", weights_only=False)
         return state, rank_state
+
+    def _load_universal(self, engine, path: Path, state: dict[str, Any]) -> dict[str, Any]:
+        optimizer = engine.optimizer
+        groups = optimizer.param_groups
+        settings = [{k: v for k, v in g.items() if k not in ("params", "lr")} for g in groups]
+        load_path, _ = engine.load_checkpoint(
+            str(path), tag=UNIVERSAL_TAG, load_optimizer_states=True, load_lr_scheduler_states=True
+        )
+        if load_path is None:
+            raise RuntimeError(f"DeepSpeed could not load the universal checkpoint in {path / UNIVERSAL_TAG}")
+        # DeepSpeed 0.19 gives every group group 0's settings and one shared Adam step tensor:
+        # restore each group's own settings and learning rate, and give each state its own step.
+        for group, kept, lr in zip(groups, settings, engine.lr_scheduler.get_last_lr()):
+            group.update(kept)
+            group["lr"] = lr
+        for st in optimizer.optimizer.state.values():
+            if torch.is_tensor(st.get("step")):
+                st["step"] = st["step"].clone()
+        # RNG from the same rank of the old run (or its last one); the data stream restarts its epoch
+        src = path / f"rank{min(self.rank, state['world_size'] - 1):05d}.pt"
+        rank_state = torch.load(src, map_location="cpu", weights_only=False)
+        rank_state["loader"] = None
+        return rank_state

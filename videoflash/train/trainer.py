@@ -39,6 +39,7 @@ if not torch.cuda.is_available():
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from videoflash.config.schema import VideoFlashSchema  # noqa: E402
+from videoflash.data.collate import BATCH_KEYS  # noqa: E402
 
 from . import distributed, ds_config, stages  # noqa: E402
 from .checkpoint import CheckpointManager, rng_state, set_rng_state  # noqa: E402
@@ -53,16 +54,7 @@ log = logging.getLogger("videoflash.train")
 #: config errors.
 EXIT_CONFIG_ERROR = 2
 
-MODEL_KEYS = (
-    "input_ids",
-    "attention_mask",
-    "labels",
-    "pixel_values_videos",
-    "video_frame_counts",
-    "pixel_values_images",
-    "image_tile_counts",
-    "image_grids",
-)
+MODEL_KEYS = BATCH_KEYS[:8]  # the batch keys that the model's forward takes (docs/contracts.md)
 
 
 @dataclass
@@ -159,7 +151,7 @@ class Trainer:
         for part, c in counts.items():
             log.info("  %-15s %12d parameters, %12d train", part, c["total"], c["trainable"])
         if cfg.train.activation_checkpointing:
-            self.model.gradient_checkpointing_enable({"use_reentrant": False})
+            self.model.activation_checkpointing_enable({"use_reentrant": False})
         self.flops = FlopsModel.from_config(self.model.config, stage.trainable)
 
         self.loader = self.build_loader()
@@ -168,6 +160,10 @@ class Trainer:
         factor = stages.lr_lambda(self.total_steps, stage.warmup_ratio, stage.lr_schedule, stage.min_lr_ratio)
         import deepspeed
 
+        self.resume_path = self.find_resume_path()
+        if self.resume_path is not None and self.ckpt.written_by(self.resume_path) != self.world:
+            self.ckpt.prepare_universal(self.resume_path)  # resuming on another number of ranks
+            self.ds_config["checkpoint"] = {"load_universal": True}
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=self.model, optimizer=optimizer, config=self.ds_config,
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, factor),
@@ -279,14 +275,19 @@ class Trainer:
             return stage.max_steps
         return max(1, math.ceil(stage.epochs * self.epoch_samples / stage.global_batch_size))
 
-    def resume(self) -> None:
+    def find_resume_path(self) -> Path | None:
+        """The checkpoint to continue from (``resume=auto``: the latest; a path; ``never``), agreed by all ranks."""
         cfg = self.cfg
         path = None
         if cfg.resume == "auto":
             path = self.ckpt.latest()
         elif cfg.resume != "never":
             path = Path(cfg.resume)
-        path = distributed.broadcast_object(path)
+        return distributed.broadcast_object(path)
+
+    def resume(self) -> None:
+        cfg = self.cfg
+        path = self.resume_path
         if path is None:
             log.info("starting stage %d at step 0 of %d", cfg.stage.id, self.total_steps)
             return
@@ -294,7 +295,11 @@ class Trainer:
         self.resumed_from = str(path)
         known = {k: v for k, v in state.items() if k in TrainerState.__dataclass_fields__}
         self.state = TrainerState(**known)
-        self.loader.load_state_dict(rank_state["loader"])
+        if rank_state["loader"] is not None:
+            self.loader.load_state_dict(rank_state["loader"])
+        else:
+            log.warning("resumed on %d ranks from a checkpoint of %d ranks: the data stream restarts its epoch",
+                        self.world, state["world_size"])
         set_rng_state(rank_state["rng"])
         log.info("resumed from %s at step %d of %d", path, self.state.step, self.total_steps)
 
