@@ -126,15 +126,23 @@ class VideoFlashForConditionalGeneration(VideoFlashPreTrainedModel, GenerationMi
     def get_decoder(self):
         return self.language_model.get_decoder()
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
-        """Activation checkpointing of the encoder blocks and the LLM layers."""
-        kwargs = gradient_checkpointing_kwargs or {"use_reentrant": False}
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None, **kwargs):
+        """Activation checkpointing of the encoder blocks and the LLM layers (non-reentrant)."""
         self.vision_tower.gradient_checkpointing = True
-        self.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        self.language_model.activation_checkpointing_enable(
+            activation_checkpointing_kwargs=activation_checkpointing_kwargs or {"use_reentrant": False}, **kwargs
+        )
+
+    def activation_checkpointing_disable(self):
+        self.vision_tower.gradient_checkpointing = False
+        self.language_model.activation_checkpointing_disable()
+
+    # the names of transformers < 5
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
+        self.activation_checkpointing_enable(gradient_checkpointing_kwargs)
 
     def gradient_checkpointing_disable(self):
-        self.vision_tower.gradient_checkpointing = False
-        self.language_model.gradient_checkpointing_disable()
+        self.activation_checkpointing_disable()
 
     # -- vision -----------------------------------------------------------------------------------
     def _normalize(self, frames: torch.Tensor) -> torch.Tensor:
