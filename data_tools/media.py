@@ -63,8 +63,8 @@ def _encode_to(path, first, frames, rate, fps, crf, preset, gop, opts, pad_h, pa
         count = 0
 
         def put(arr):
-            # Converting to yuv420p here (not inside encode) with explicit timestamps makes the output
-            # byte-identical from run to run; PyAV's implicit conversion occasionally was not.
+            # Converting to yuv420p here (not inside encode) with explicit timestamps makes the decoded
+            # frames identical from run to run; PyAV's implicit conversion occasionally was not.
             nonlocal count
             arr = np.asarray(arr, dtype=np.uint8)
             if arr.ndim == 2:
