@@ -13,13 +13,3 @@ from videoflash.model.frame_sampling import (  # noqa: F401
     parse_policy,
     span_to_frames,
 )
-
-__all__ = [
-    "FramePolicy",
-    "parse_policy",
-    "frame_count",
-    "middle_indices",
-    "span_to_frames",
-    "frame_indices",
-    "POLICIES",
-]
