@@ -251,7 +251,6 @@ def resolve_sources(sources) -> list[_Resolved]:
     return out
 
 
-_resolve_sources = resolve_sources  # older name
 
 
 def _expand_with_index(spec) -> list[str]:

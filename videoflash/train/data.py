@@ -60,9 +60,9 @@ def loader_config(cfg: VideoFlashSchema, model_config, world_size: int):
     per_rank = stage.micro_batch_size * world_size
     samples = data.num_samples
     if samples is None:
-        from videoflash.data.pipeline import _resolve_sources
+        from videoflash.data import resolve_sources
 
-        samples = sum(s.num_samples for s in _resolve_sources(sources))
+        samples = sum(s.num_samples for s in resolve_sources(sources))
     return LoaderConfig(
         sources=sources,
         image_size=stage.image_size,
