@@ -15,6 +15,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
+from videoflash.console import quiet_known_noise
 from videoflash.config import CONFIG_DIR, CONFIG_NAME, ConfigError, normalize_overrides, validate
 
 EXIT_CONFIG_ERROR = 2
@@ -33,5 +34,6 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
+    quiet_known_noise()
     sys.argv[1:] = normalize_overrides(sys.argv[1:])
     _hydra_main()
