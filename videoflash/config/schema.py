@@ -39,6 +39,9 @@ class VisionSchema:
     final_norm_eps: float = 1e-12
     # Official UMT weights (``UMT-L_f4_vision.pt``) for stage 1; null = a freshly initialised encoder.
     pretrained: Optional[str] = None
+    # The file is loaded as data (tensors, plain containers, argparse.Namespace); true unpickles it
+    # without restriction, which runs any code it holds: only for a file you trust.
+    trust_pickle: bool = False
 
 
 @dataclass

@@ -200,11 +200,12 @@ class Trainer:
                 fields = {k: v for k, v in asdict(m.text).items() if k != "pretrained" and v is not None}
                 text = dict(fields, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
                             eos_token_id=tokenizer.eos_token_id, bos_token_id=None)
-            vision = {k: v for k, v in asdict(m.vision).items() if k != "pretrained"}
+            vision = {k: v for k, v in asdict(m.vision).items() if k not in ("pretrained", "trust_pickle")}
             vision["image_size"] = stage.image_size
             torch.manual_seed(self.cfg.seed)
             model = VideoFlashForConditionalGeneration.from_parts(
                 text=text, vision=m.vision.pretrained, vision_config=vision, tokenizer=tokenizer,
+                vision_trust_pickle=m.vision.trust_pickle,
                 tokens_per_clip=m.tokens_per_clip, tokens_per_image=m.tokens_per_image, max_grid=m.max_grid,
                 **self.dropout_fields(),
             )
