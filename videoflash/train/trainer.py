@@ -43,7 +43,14 @@ from videoflash.config.schema import VideoFlashSchema  # noqa: E402
 from videoflash.data.collate import BATCH_KEYS  # noqa: E402
 
 from . import distributed, ds_config, stages  # noqa: E402
-from .checkpoint import CheckpointError, CheckpointManager, CheckpointWriteError, rng_state, set_rng_state, verify  # noqa: E402
+from .checkpoint import (  # noqa: E402
+    CheckpointError,
+    CheckpointManager,
+    CheckpointWriteError,
+    rng_state,
+    set_rng_state,
+    verify,
+)
 from .data import MissingDataError, check_sources  # noqa: E402
 from .flops import FlopsModel, peak_tflops  # noqa: E402
 from .metrics import Reporter, StepStats, start_wandb  # noqa: E402
