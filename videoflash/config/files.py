@@ -44,9 +44,9 @@ def safetensors_problem(path: Path) -> str | None:
             if n > size - 8:
                 return f"{path} is truncated or not a safetensors file (header of {n} bytes in a file of {size})"
             header = json.loads(f.read(n))
-    except (ValueError, UnicodeDecodeError) as err:
-        return f"{path} has a garbled safetensors header ({err})"
-    ends = [t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"]
+        ends = [int(t["data_offsets"][1]) for k, t in header.items() if k != "__metadata__"]
+    except (ValueError, AttributeError, KeyError, TypeError, IndexError) as err:
+        return f"{path} has a garbled safetensors header ({type(err).__name__}: {err})"
     expected = 8 + n + max(ends, default=0)
     if size != expected:
         return f"{path} has {size} bytes, its safetensors header says {expected} (truncated or damaged)"

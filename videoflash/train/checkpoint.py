@@ -194,7 +194,9 @@ def verify(path: str | os.PathLike) -> list[str]:
     if manifest.is_file():
         try:
             files = json.loads(manifest.read_text())["files"]
-        except (ValueError, KeyError, TypeError) as err:
+            if not all(isinstance(r, dict) and isinstance(r.get("bytes"), int) for r in files.values()):
+                raise ValueError("a file record without its size")
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
             return [f"{manifest} is unreadable ({type(err).__name__}: {err})"]
         for rel, rec in files.items():
             p = path / rel
