@@ -654,6 +654,7 @@ class VideoFlashForConditionalGeneration(VideoFlashPreTrainedModel, GenerationMi
         image_token_id: int | None = None,
         tokenizer=None,
         torch_dtype: torch.dtype | None = None,
+        vision_trust_pickle: bool = False,
         **config_kwargs,
     ) -> "VideoFlashForConditionalGeneration":
         """The stage-1 starting point: an HF LLM + UMT weights (or a fresh encoder) + a new connector.
@@ -665,6 +666,8 @@ class VideoFlashForConditionalGeneration(VideoFlashPreTrainedModel, GenerationMi
                 ``frames_per_clip`` are read (the rest comes from the weights).
             image_token_id: the placeholder id; with ``tokenizer`` it is looked up (``<image>`` is added
                 to the tokenizer when missing) and the LLM's embeddings grow if the vocabulary did.
+            vision_trust_pickle: unpickle ``vision`` without restriction (``UMTEncoder.from_official``'s
+                ``trust_pickle``); only for a file you trust.
             config_kwargs: any other :class:`VideoFlashConfig` field.
         """
         vision_config = dict(vision_config or {})
@@ -681,6 +684,7 @@ class VideoFlashForConditionalGeneration(VideoFlashPreTrainedModel, GenerationMi
                 image_size=vision_config.get("image_size", 224),
                 frames_per_clip=vision_config.get("frames_per_clip", 4),
                 num_heads=vision_config.get("num_heads"),  # default: width // 64, as UMT-L
+                trust_pickle=vision_trust_pickle,
             )
             vision_config.update(encoder.encoder_config())
         if tokenizer is not None:
