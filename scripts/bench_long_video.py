@@ -22,6 +22,19 @@ memory (``torch.cuda.max_memory_allocated``).
 
     python scripts/bench_long_video.py --device cuda --search [--yarn 4]
     python scripts/bench_long_video.py --device cuda --frames 1024 4096 8192   # a table, no search
+
+KV-cache compression (``--kv``): the same prefill (through the first answer token's logits) by five
+methods -- none, visual dropout, AdaReTaKe (``--kv-budget`` tokens, default the visual tokens of
+``--budget-frames`` frames, so that its cache, text included, is no bigger than the uncompressed one
+there), Video-X²L (defaults: chunks of 32 frames, alpha 2 / 32, top 3) and
+dropout + AdaReTaKe -- with the prefill time, the peak memory and the KV cache the answer is decoded
+on (bytes on the device; Video-X²L also keeps its two KVs per chunk in host memory). A KV cache as
+big as the uncompressed one at ``--budget-frames`` frames then holds how many frames with each
+method: the last line prints that ratio for AdaReTaKe (the paper: 256 -> 2048 frames, x8).
+With ``--device cuda --search`` each method's largest frame count is searched.
+
+    python scripts/bench_long_video.py --kv --frames 256 512 1024 2048
+    python scripts/bench_long_video.py --kv --device cuda --search --yarn 4
 """
 
 from __future__ import annotations
@@ -38,6 +51,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from videoflash.model.chunked_prefill import ChunkedPrefillEngine, VideoX2L, make_policy, videoflash_input  # noqa: E402
 from videoflash.model.configuration_videoflash import VideoFlashConfig  # noqa: E402
 from videoflash.model.inference_videoflash import PUBLISHED_DROPOUT, parse_dropout  # noqa: E402
 from videoflash.model.modeling_videoflash import VideoFlashForConditionalGeneration  # noqa: E402
@@ -157,6 +171,92 @@ def prefill(model, ids, embeds, frames, schedule):
                     logits_to_keep=1)
     cfg.visual_dropout_in_inference = False
     return out
+
+
+KV_METHODS = ("none", "dropout", "adaretake", "videox2l", "dropout+adaretake")
+
+
+def _cache_bytes(cache) -> int:
+    return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values)
+               if t is not None)
+
+
+def kv_prefill(model, ids, embeds, frames, method, schedule, budget, chunk_frames):
+    """One prefill by ``method`` (see KV_METHODS): ``(device KV bytes, host KV bytes)``."""
+    dropout = schedule if "dropout" in method else None
+    if method in ("none", "dropout"):
+        out = prefill(model, ids, embeds, frames, dropout)
+        cache = out.cache if hasattr(out, "cache") and out.cache is not None else out.past_key_values
+        return _cache_bytes(cache), 0
+    cfg = model.config
+    if dropout is None:
+        cfg.visual_dropout_in_inference = False
+    else:
+        cfg.set_visual_dropout(*dropout, inference=True)
+    try:
+        policy = make_policy("videox2l" if method == "videox2l" else "adaretake",
+                             budget=None if method == "videox2l" else budget, chunk_frames=chunk_frames)
+        inp, decoder = videoflash_input(model, ids, embeds, chunk_frames)
+        engine = ChunkedPrefillEngine(decoder, policy)
+        if isinstance(policy, VideoX2L):
+            store = engine.prefill_video(inp)
+            engine.answer(store, inp)
+            return _cache_bytes(engine.cache), store.host_bytes()
+        engine.prefill(inp)
+        return _cache_bytes(engine.cache), 0
+    finally:
+        cfg.visual_dropout_in_inference = False
+
+
+def run_cpu_kv(args) -> None:
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    device = torch.device("cpu")
+    model = build_model(args, device, torch.float32)
+    schedule = scaled_dropout(model.config.text_config.num_hidden_layers, args.dropout)
+    ids = prompt_ids(model)
+    tc = model.config.text_config
+    tpf = model.config.tokens_per_frame
+    # AdaReTaKe keeps all text and r = budget / prompt of the video: a budget of the budget-frames'
+    # visual tokens keeps the whole cache (text included) within the uncompressed one at budget-frames
+    budget = args.kv_budget or args.budget_frames * tpf
+    print(f"# CPU, {torch.get_num_threads()} threads; LLM qwen2 width {tc.hidden_size}, {tc.num_hidden_layers} layers, "
+          f"{tpf} visual tokens per frame; AdaReTaKe budget {budget} tokens; chunks of {args.kv_chunk_frames} frames; "
+          f"dropout after layers {schedule[0]} keep {schedule[1]} ({schedule[2]})")
+    emb, _ = visual_tokens(model, 16, device, args.chunk_clips)
+    for method in KV_METHODS:  # warm-up
+        kv_prefill(model, ids, emb, 16, method, schedule, budget, args.kv_chunk_frames)
+    print(f"{'frames':>7} {'method':>18} {'prefill s':>10} {'cpu s':>8} {'peak MB':>8} {'KV MB':>8} {'host MB':>8}")
+    rows = {}
+    for frames in args.frames:
+        embeds, _ = visual_tokens(model, frames, device, args.chunk_clips)
+        for method in KV_METHODS:
+            with CpuPeak() as peak:
+                t0, c0 = time.perf_counter(), time.process_time()
+                kv, host = kv_prefill(model, ids, embeds, frames, method, schedule, budget, args.kv_chunk_frames)
+                elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
+            rows[frames, method] = (elapsed, cpu, max(peak.peak, 0) / 2**20, kv / 2**20, host / 2**20)
+            r = rows[frames, method]
+            print(f"{frames:>7} {method:>18} {r[0]:>10.2f} {r[1]:>8.2f} {r[2]:>8.1f} {r[3]:>8.2f} {r[4]:>8.2f}",
+                  flush=True)
+        del embeds
+    # the KV cache of the uncompressed prompt at --budget-frames frames, in bytes
+    ref = args.budget_frames * tpf + ids.shape[1] - 1
+    per_token = tc.num_hidden_layers * 2 * tc.num_key_value_heads * (tc.hidden_size // tc.num_attention_heads) * 4
+    limit = ref * per_token / 2**20
+    print(f"# ratios against none (prefill CPU time, peak memory, KV cache); KV budget {limit:.2f} MB "
+          f"= the uncompressed cache at {args.budget_frames} frames")
+    fits = {}
+    for method in KV_METHODS:
+        ok = [f for f in args.frames if rows[f, method][3] <= limit * 1.0001]
+        fits[method] = max(ok) if ok else 0
+        top = args.frames[-1]
+        b, r = rows[top, "none"], rows[top, method]
+        print(f"{method:>18} at {top} frames: cpu {_ratio(r[1], b[1])}  peak memory {_ratio(r[2], b[2])}  "
+              f"KV {_ratio(r[3], b[3])}; frames within the KV budget: {fits[method] or 'none of those run'}")
+    best = fits["adaretake"]
+    bound = ">= " if best == args.frames[-1] else ""
+    print(f"frames that fit the KV cache of {args.budget_frames} uncompressed frames: AdaReTaKe {bound}{best} "
+          f"(x{bound}{best / args.budget_frames:.2f})")
 
 
 def run_cpu(args) -> None:
@@ -291,6 +391,75 @@ def run_cuda(args) -> None:
         print(f"ratio dropout / no dropout: frames that fit x{b / a:.2f}")
 
 
+def run_cuda_kv(args) -> None:
+    """The 7B-shaped search with every method of KV_METHODS (point 7 of issue 10). Not run in this
+    project's CI (no GPU); the code shares kv_prefill with the CPU path, which the tests run."""
+    if not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is visible")
+    device = torch.device("cuda")
+    model = build_model(args, device, torch.bfloat16)
+    schedule = scaled_dropout(model.config.text_config.num_hidden_layers, args.dropout)
+    ids = prompt_ids(model).to(device)
+    hidden = model.config.text_config.hidden_size
+    tpf = model.config.tokens_per_frame
+    budget = args.kv_budget or 16000
+    props = torch.cuda.get_device_properties(0)
+    print(f"# {props.name}, {props.total_memory / 2**30:.0f} GiB; Qwen2-7B-shaped LLM, bf16; {tpf} tokens per frame; "
+          f"AdaReTaKe budget {budget}; chunks of {args.kv_chunk_frames} frames"
+          + (f"; YaRN x{args.yarn}" if args.yarn else ""))
+
+    def attempt(frames, method):
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        try:
+            g = torch.Generator(device=device).manual_seed(frames)
+            embeds = torch.randn(frames * tpf, hidden, device=device, dtype=torch.bfloat16, generator=g) * 0.02
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            kv, host = kv_prefill(model, ids, embeds, frames, method, schedule, budget, args.kv_chunk_frames)
+            torch.cuda.synchronize()
+            elapsed = time.perf_counter() - t0
+            del embeds
+            return elapsed, torch.cuda.max_memory_allocated() / 2**30, kv / 2**30, host / 2**30
+        except torch.cuda.OutOfMemoryError:
+            return None
+
+    results = {}
+    for method in KV_METHODS:
+        fits, fails, timing = None, None, None
+        frames = None if args.search else list(args.frames)
+        n = args.start_frames
+        while (frames is None and n <= args.max_frames) or (frames is not None and frames):
+            if frames is not None:
+                n = frames.pop(0)
+            r = attempt(n, method)
+            print(f"  {method}: {n} frames: " + ("OOM" if r is None else
+                  f"{r[0]:.1f} s, peak {r[1]:.1f} GiB, KV {r[2]:.2f} GiB, host {r[3]:.2f} GiB"), flush=True)
+            if r is None:
+                fails = n
+                break
+            fits, timing = n, r
+            if frames is None:
+                n *= 2
+        while args.search and fails is not None and fits is not None and fails - fits > args.resolution:
+            mid = (fits + fails) // 2 // 4 * 4
+            r = attempt(mid, method)
+            print(f"  {method}: {mid} frames: " + ("OOM" if r is None else f"{r[0]:.1f} s, {r[1]:.1f} GiB"), flush=True)
+            if r is None:
+                fails = mid
+            else:
+                fits, timing = mid, r
+        results[method] = (fits, fails, timing)
+    print("# largest frame count whose prefill fits:" if args.search else "# the largest frame count run:")
+    for method, (fits, fails, timing) in results.items():
+        print(f"{method}: {fits} frames" + (f" (OOM at {fails})" if fails else "")
+              + (f", prefill {timing[0]:.1f} s, peak {timing[1]:.1f} GiB" if timing else ""))
+    a, b = results["none"][0], results["dropout+adaretake"][0]
+    if a and b:
+        print(f"ratio dropout+adaretake / none: frames that fit x{b / a:.2f}")
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -308,6 +477,11 @@ def main(argv=None) -> None:
     p.add_argument("--max-frames", type=int, default=65536)
     p.add_argument("--resolution", type=int, default=256)
     p.add_argument("--repeat", type=int, default=2, help="CPU: prefills per setting (fastest time, highest peak)")
+    p.add_argument("--kv", action="store_true", help="compare KV-cache compression methods (see above)")
+    p.add_argument("--kv-budget", type=int, default=None, help="AdaReTaKe: tokens of context")
+    p.add_argument("--budget-frames", type=int, default=256,
+                   help="--kv: the KV budget is the uncompressed cache at this many frames")
+    p.add_argument("--kv-chunk-frames", type=int, default=32, help="--kv: frames per prefill chunk")
     args = p.parse_args(argv)
     if args.device == "cpu" and os.environ.get("MALLOC_MMAP_THRESHOLD_") is None and argv is None:
         # glibc then returns large blocks to the OS when they are freed, so the resident set follows
@@ -317,9 +491,9 @@ def main(argv=None) -> None:
         if frames % 4:
             raise SystemExit(f"frame counts are multiples of 4, got {frames}")
     if args.device == "cuda":
-        run_cuda(args)
+        run_cuda_kv(args) if args.kv else run_cuda(args)
     else:
-        run_cpu(args)
+        run_cpu_kv(args) if args.kv else run_cpu(args)
 
 
 if __name__ == "__main__":

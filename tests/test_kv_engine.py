@@ -1,5 +1,5 @@
 """The chunked-prefill engine with AdaReTaKe and Video-X²L on a tiny VideoFlash (and a stock
-transformers Qwen2-VL): without compression it decodes exactly what ``generate`` does on the whole
+transformers Qwen2-VL and Qwen2.5-VL): without compression it decodes exactly what ``generate`` does on the whole
 prompt; with a budget every layer keeps what it was allotted; Video-X²L with every chunk reloaded
 is L-KV everywhere; a reused prefill answers as a fresh one."""
 
@@ -201,30 +201,37 @@ def test_x2l_keynorm_and_the_errors(tok, model, embeds):
 
 
 # --------------------------------------------------------------------------------------------------
-# a stock transformers Qwen2-VL
+# stock transformers Qwen2-VL / Qwen2.5-VL
 # --------------------------------------------------------------------------------------------------
 
 
-def _tiny_qwen2_vl():
-    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+def _tiny_qwen_vl(kind: str):
+    """A random Qwen2-VL or Qwen2.5-VL of transformers (3 LLM layers of width 64, a 1-block vision tower)."""
+    import transformers
 
-    cfg = Qwen2VLConfig(
-        text_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=300, max_position_embeddings=2048,
-                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}),
-        vision_config=dict(depth=1, embed_dim=32, hidden_size=64, num_heads=2, patch_size=4, spatial_merge_size=2,
-                           temporal_patch_size=2, in_channels=3),
-        image_token_id=297, video_token_id=298, vision_start_token_id=296, vision_end_token_id=295,
-    )
+    text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=300, max_position_embeddings=2048,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]})
+    common = dict(depth=1, num_heads=2, patch_size=4, spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
+    if kind == "qwen2_vl":
+        config_cls, model_cls = transformers.Qwen2VLConfig, transformers.Qwen2VLForConditionalGeneration
+        vision = dict(common, embed_dim=32, hidden_size=64)
+    else:
+        config_cls, model_cls = transformers.Qwen2_5_VLConfig, transformers.Qwen2_5_VLForConditionalGeneration
+        vision = dict(common, hidden_size=32, intermediate_size=64, out_hidden_size=64, window_size=16,
+                      fullatt_block_indexes=[0])
+    cfg = config_cls(text_config=text, vision_config=vision, image_token_id=297, video_token_id=298,
+                     vision_start_token_id=296, vision_end_token_id=295)
     torch.manual_seed(0)
-    model = Qwen2VLForConditionalGeneration(cfg).eval()
+    model = model_cls(cfg).eval()
     with torch.no_grad():
         model.lm_head.weight.mul_(8.0)
     return model
 
 
-def test_a_stock_qwen2_vl_decodes_as_its_generate(tmp_path):
-    model = _tiny_qwen2_vl()
+@pytest.mark.parametrize("kind", ["qwen2_vl", "qwen2_5_vl"])
+def test_a_stock_qwen_vl_decodes_as_its_generate(kind):
+    model = _tiny_qwen_vl(kind)
     frames, side = 16, 16  # 8 temporal grids of 4x4 patches -> 2x2 merged: 4 tokens per grid, 32 tokens
     grid = torch.tensor([[frames // 2, side // 4, side // 4]])
     pixels = torch.randn(int(grid.prod()), 3 * 2 * 4 * 4, generator=torch.Generator().manual_seed(1))
@@ -250,3 +257,23 @@ def test_a_stock_qwen2_vl_decodes_as_its_generate(tmp_path):
     engine = ChunkedPrefillEngine(dec, AdaReTaKe(budget=30, chunk_frames=4, positions="reforge"))
     assert len(engine.generate(engine.prefill(inp), max_new_tokens=NEW)) == NEW
     assert all(sum(a) < 32 for a in engine.cache.allocations) and engine.offsets[0] < 0
+
+
+def test_bench_kv_mode_runs_and_prints_the_frame_ratio():
+    """The --kv benchmark's plumbing on a very small model (its figures are in docs/PERFORMANCE.md)."""
+    import os
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": repo, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run([sys.executable, "scripts/bench_long_video.py", "--kv", "--frames", "16", "32", "--width", "64",
+                          "--layers", "4", "--threads", "1", "--budget-frames", "8", "--kv-chunk-frames", "8"],
+                         capture_output=True, text=True, env=env, cwd=repo, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    lines = res.stdout.strip().splitlines()
+    rows = [line.split() for line in lines if line.split() and line.split()[0] in ("16", "32")]
+    assert [r[1] for r in rows] == ["none", "dropout", "adaretake", "videox2l", "dropout+adaretake"] * 2
+    kv = {(r[0], r[1]): float(r[5]) for r in rows}
+    assert kv["32", "adaretake"] < kv["32", "none"] and kv["32", "dropout+adaretake"] <= kv["32", "adaretake"]
+    assert lines[-1].startswith("frames that fit the KV cache of 8 uncompressed frames: AdaReTaKe >= 32 (x>= 4.00)")

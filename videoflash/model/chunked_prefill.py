@@ -199,13 +199,13 @@ class AdaReTaKe:
         if self.ratio >= 1.0 or self.temporal == "none":
             self.chunk_ratios = [self.ratio] * len(chunks)
             return
-        visual = inp.embeds[0].float()
+        visual = inp.embeds[0]
         if self.temporal == "chunk":
-            feats = torch.stack([visual[s:e].mean(0) for s, e in chunks])
+            feats = torch.stack([visual[s:e].float().mean(0) for s, e in chunks])
             self.chunk_ratios = temporal_ratios(feats, self.ratio).tolist()
         else:
             n = inp.frame_tokens
-            frames = [visual[s:e][: (e - s) // n * n].reshape(-1, n, visual.shape[-1]) for s, e in chunks]
+            frames = [visual[s:e][: (e - s) // n * n].float().reshape(-1, n, visual.shape[-1]) for s, e in chunks]
             self.chunk_ratios = frame_distance_ratios(frames, self.ratio).tolist()
 
     def compress(self, engine, cache: CompressedCache, chunk: int, layers: list[_ChunkLayer]) -> None:
@@ -360,7 +360,6 @@ class ChunkedPrefillEngine:
         self.num_stages = stage + 1
         self.offsets = [0] * self.num_stages
         self.cache: CompressedCache | None = None
-        self._rotary_cache: dict = {}
 
     # -- running segments ---------------------------------------------------------------------------
     def _run(self, hidden, positions, visual: int, original_visual: int, guide: int = 0, want=None, before=None):
@@ -661,6 +660,8 @@ def qwen2_vl_input(model, input_ids: torch.Tensor, pixel_values_videos: torch.Te
     ``get_rope_index``; chunks of ``chunk_frames`` frames (``temporal_patch_size`` frames per grid)."""
     import inspect
 
+    from .modeling_videoflash import _layer_cache_kwarg
+
     inner = model.model
     cfg = model.config
     if input_ids.shape[0] != 1 or video_grid_thw.shape[0] != 1:
@@ -694,7 +695,4 @@ def qwen2_vl_input(model, input_ids: torch.Tensor, pixel_values_videos: torch.Te
     inp = LongVideoInput(embeds=embeds, positions=positions[:, 0], video_start=start, video_end=end,
                          chunk_tokens=_frames_to_tokens(chunk_frames, tps, per_grid), frame_tokens=per_grid)
     text = inner.language_model
-    import inspect as _inspect
-
-    kwarg = "cache" if "cache" in _inspect.signature(type(text.layers[0]).forward).parameters else "past_key_values"
-    return inp, Decoder(model.get_input_embeddings(), text, model.lm_head, kwarg)
+    return inp, Decoder(model.get_input_embeddings(), text, model.lm_head, _layer_cache_kwarg(type(text.layers[0])))
