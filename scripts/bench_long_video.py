@@ -40,6 +40,7 @@ With ``--device cuda --search`` each method's largest frame count is searched.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import gc
 import os
 import sys
@@ -73,11 +74,21 @@ def _status(key: str) -> int:
     raise KeyError(key)
 
 
+def _malloc_trim() -> None:
+    """Hand freed heap memory back to the OS (glibc), so that small blocks freed by an earlier
+    measurement (Video-X²L's many per-chunk KVs) do not hide the next one's growth."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 class CpuPeak:
     """Peak resident memory above the start of the block (VmHWM is reset by writing 5 to clear_refs)."""
 
     def __enter__(self):
         gc.collect()
+        _malloc_trim()
         self.base = _status("VmRSS")
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
@@ -310,6 +321,55 @@ def run_cpu(args) -> None:
               f"peak memory {_ratio(f1['base'][2], f0['base'][2])} / {_ratio(f1['drop'][2], f0['drop'][2])}")
 
 
+def cuda_attempt(frames: int, tokens_per_frame: int, hidden: int, run):
+    """``run(embeds)`` on random visual tokens of ``frames`` frames: ``(seconds, peak GiB, *what run
+    returns)``, or None when it runs out of memory."""
+    device = torch.device("cuda")
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    try:
+        g = torch.Generator(device=device).manual_seed(frames)
+        embeds = torch.randn(frames * tokens_per_frame, hidden, device=device, dtype=torch.bfloat16, generator=g) * 0.02
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        extra = run(embeds)
+        torch.cuda.synchronize()
+        elapsed = time.perf_counter() - t0
+        del embeds
+        return (elapsed, torch.cuda.max_memory_allocated() / 2**30, *extra)
+    except torch.cuda.OutOfMemoryError:
+        return None
+
+
+def search_frames(attempt, name: str, args, tokens_per_frame: int):
+    """Double the frame count from ``--start-frames`` until ``attempt(frames)`` runs out of memory,
+    then bisect to ``--resolution`` frames: ``(largest that fits, smallest that failed, its result)``."""
+    def show(n, r):
+        extra = f", KV {r[2]:.2f} GiB, host {r[3]:.2f} GiB" if r is not None and len(r) > 2 else ""
+        print(f"  {name}: {n} frames ({n * tokens_per_frame} tokens): "
+              + ("OOM" if r is None else f"{r[0]:.1f} s, {r[1]:.1f} GiB{extra}"), flush=True)
+
+    fits, fails, timing = None, None, None
+    n = args.start_frames
+    while n <= args.max_frames:
+        r = attempt(n)
+        show(n, r)
+        if r is None:
+            fails = n
+            break
+        fits, timing, n = n, r, n * 2
+    while fails is not None and fits is not None and fails - fits > args.resolution:
+        mid = (fits + fails) // 2 // 4 * 4
+        r = attempt(mid)
+        show(mid, r)
+        if r is None:
+            fails = mid
+        else:
+            fits, timing = mid, r
+    return fits, fails, timing
+
+
 def run_cuda(args) -> None:
     if not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is visible")
@@ -331,21 +391,11 @@ def run_cuda(args) -> None:
           f"({args.chunk_clips} clips per call)")
 
     def attempt(frames, sched):
-        gc.collect()
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-        try:
-            g = torch.Generator(device=device).manual_seed(frames)
-            embeds = torch.randn(frames * tpf, hidden, device=device, dtype=torch.bfloat16, generator=g) * 0.02
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            out = prefill(model, ids, embeds, frames, sched)
-            torch.cuda.synchronize()
-            elapsed = time.perf_counter() - t0
-            del out, embeds
-            return elapsed, torch.cuda.max_memory_allocated() / 2**30
-        except torch.cuda.OutOfMemoryError:
-            return None
+        def run(embeds):
+            prefill(model, ids, embeds, frames, sched)
+            return ()
+
+        return cuda_attempt(frames, tpf, hidden, run)
 
     if not args.search:
         rows = []
@@ -360,27 +410,8 @@ def run_cuda(args) -> None:
                 print(f"frames {frames:>6}: time {_ratio(r['drop'][0], r['base'][0])}  peak memory "
                       f"{_ratio(r['drop'][1], r['base'][1])}")
         return
-    results = {}
-    for name, sched in (("no dropout", None), ("dropout", schedule)):
-        fits, fails, timing = None, None, None
-        n = args.start_frames
-        while n <= args.max_frames:
-            r = attempt(n, sched)
-            print(f"  {name}: {n} frames ({n * tpf} tokens): " + ("OOM" if r is None else f"{r[0]:.1f} s, {r[1]:.1f} GiB"),
-                  flush=True)
-            if r is None:
-                fails = n
-                break
-            fits, timing, n = n, r, n * 2
-        while fails is not None and fits is not None and fails - fits > args.resolution:
-            mid = (fits + fails) // 2 // 4 * 4
-            r = attempt(mid, sched)
-            print(f"  {name}: {mid} frames: " + ("OOM" if r is None else f"{r[0]:.1f} s, {r[1]:.1f} GiB"), flush=True)
-            if r is None:
-                fails = mid
-            else:
-                fits, timing = mid, r
-        results[name] = (fits, fails, timing)
+    results = {name: search_frames(lambda n: attempt(n, sched), name, args, tpf)
+               for name, sched in (("no dropout", None), ("dropout", schedule))}
     print("# largest frame count whose prefill fits:")
     for name, (fits, fails, timing) in results.items():
         bound = f"(OOM at {fails})" if fails else f"(no OOM up to --max-frames {args.max_frames})"
@@ -409,30 +440,19 @@ def run_cuda_kv(args) -> None:
           + (f"; YaRN x{args.yarn}" if args.yarn else ""))
 
     def attempt(frames, method):
-        gc.collect()
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-        try:
-            g = torch.Generator(device=device).manual_seed(frames)
-            embeds = torch.randn(frames * tpf, hidden, device=device, dtype=torch.bfloat16, generator=g) * 0.02
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
+        def run(embeds):
             kv, host = kv_prefill(model, ids, embeds, frames, method, schedule, budget, args.kv_chunk_frames)
-            torch.cuda.synchronize()
-            elapsed = time.perf_counter() - t0
-            del embeds
-            return elapsed, torch.cuda.max_memory_allocated() / 2**30, kv / 2**30, host / 2**30
-        except torch.cuda.OutOfMemoryError:
-            return None
+            return kv / 2**30, host / 2**30
+
+        return cuda_attempt(frames, tpf, hidden, run)
 
     results = {}
     for method in KV_METHODS:
-        fits, fails, timing = None, None, None
-        frames = None if args.search else list(args.frames)
-        n = args.start_frames
-        while (frames is None and n <= args.max_frames) or (frames is not None and frames):
-            if frames is not None:
-                n = frames.pop(0)
+        if args.search:
+            results[method] = search_frames(lambda n: attempt(n, method), method, args, tpf)
+            continue
+        fits = timing = fails = None
+        for n in args.frames:
             r = attempt(n, method)
             print(f"  {method}: {n} frames: " + ("OOM" if r is None else
                   f"{r[0]:.1f} s, peak {r[1]:.1f} GiB, KV {r[2]:.2f} GiB, host {r[3]:.2f} GiB"), flush=True)
@@ -440,16 +460,6 @@ def run_cuda_kv(args) -> None:
                 fails = n
                 break
             fits, timing = n, r
-            if frames is None:
-                n *= 2
-        while args.search and fails is not None and fits is not None and fails - fits > args.resolution:
-            mid = (fits + fails) // 2 // 4 * 4
-            r = attempt(mid, method)
-            print(f"  {method}: {mid} frames: " + ("OOM" if r is None else f"{r[0]:.1f} s, {r[1]:.1f} GiB"), flush=True)
-            if r is None:
-                fails = mid
-            else:
-                fits, timing = mid, r
         results[method] = (fits, fails, timing)
     print("# largest frame count whose prefill fits:" if args.search else "# the largest frame count run:")
     for method, (fits, fails, timing) in results.items():

@@ -210,7 +210,7 @@ class AdaReTaKe:
 
     def compress(self, engine, cache: CompressedCache, chunk: int, layers: list[_ChunkLayer]) -> None:
         r = self.chunk_ratios[chunk]
-        if r >= 1.0:
+        if r >= 1.0 or not layers[0].length:  # (visual dropout may leave a short chunk without tokens)
             return
         scores = []
         for i, info in enumerate(layers):
@@ -220,11 +220,14 @@ class AdaReTaKe:
         if self.layer_mode == "adakv":
             by_length: dict[int, list[int]] = {}
             for i, info in enumerate(layers):
-                by_length.setdefault(info.length, []).append(i)
+                if info.length:
+                    by_length.setdefault(info.length, []).append(i)
             for members in by_length.values():  # layers after a visual-dropout point hold fewer tokens
                 for i, x in zip(members, layer_ratios(torch.stack([scores[i] for i in members]), r).tolist()):
                     ratios[i] = x
         for i, info in enumerate(layers):
+            if not info.length:
+                continue
             keep = min(info.length, max(1, int(ratios[i] * info.length)))
             index = topk_sorted(scores[i], keep)
             keys = None
@@ -459,6 +462,8 @@ class ChunkedPrefillEngine:
     def shift_after_reforge(self, layers: list[_ChunkLayer], ratio: float) -> None:
         for stage in range(self.num_stages):
             info = layers[self._first_layer(stage)]
+            if not info.length:
+                continue
             start, last = int(info.positions[0, 0]), int(info.positions[0].max())
             self.offsets[stage] -= last - int(compress_positions(torch.tensor([last]), start, ratio)[0])
 
