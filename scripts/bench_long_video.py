@@ -35,6 +35,15 @@ With ``--device cuda --search`` each method's largest frame count is searched.
 
     python scripts/bench_long_video.py --kv --frames 256 512 1024 2048
     python scripts/bench_long_video.py --kv --device cuda --search --yarn 4
+
+Answer quality at a fixed context budget (``--needle EXPORT``): a model trained on the synthetic
+corpus (``make quickstart``) answers the needle questions of its held-out set (``--heldout``) on long
+videos, with the visual KV of ``--needle-frames SMALL LARGE``: uncompressed with SMALL frames
+(what fits), uncompressed with LARGE frames (over the budget, for reference), and AdaReTaKe (keep /
+reforge positions) and Video-X²L with LARGE frames held to SMALL frames' visual tokens. The last
+line prints the accuracy of AdaReTaKe over that of the subsampled baseline.
+
+    python scripts/bench_long_video.py --needle runs/quickstart/stage3/export --heldout data/quickstart/heldout.jsonl
 """
 
 from __future__ import annotations
@@ -52,7 +61,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from videoflash.model.chunked_prefill import ChunkedPrefillEngine, VideoX2L, make_policy, videoflash_input  # noqa: E402
+from videoflash.model.chunked_prefill import (  # noqa: E402
+    AdaReTaKe,
+    ChunkedPrefillEngine,
+    VideoX2L,
+    make_policy,
+    videoflash_input,
+)
 from videoflash.model.configuration_videoflash import VideoFlashConfig  # noqa: E402
 from videoflash.model.inference_videoflash import PUBLISHED_DROPOUT, parse_dropout  # noqa: E402
 from videoflash.model.modeling_videoflash import VideoFlashForConditionalGeneration  # noqa: E402
@@ -268,6 +283,71 @@ def run_cpu_kv(args) -> None:
     bound = ">= " if best == args.frames[-1] else ""
     print(f"frames that fit the KV cache of {args.budget_frames} uncompressed frames: AdaReTaKe {bound}{best} "
           f"(x{bound}{best / args.budget_frames:.2f})")
+
+
+def run_needle(args) -> None:
+    from pathlib import Path
+
+    from videoflash.eval.synthetic import FrameSettings, load_records, normalize_answer, prepare
+    from videoflash.model.processing_videoflash import VideoFlashProcessor
+
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    model = VideoFlashForConditionalGeneration.from_pretrained(args.needle).eval()
+    tok = VideoFlashProcessor.from_directory(args.needle, config=model.config).tokenizer
+    records = [r for r in load_records(args.heldout) if r["task"].startswith("needle")]
+    if not records:
+        raise SystemExit(f"{args.heldout} holds no needle questions")
+    root = Path(args.heldout).parent
+    small, large = args.needle_frames
+    budget = small * model.config.tokens_per_frame  # the visual tokens that fit
+    # Video-X²L within the same budget: chunks of 16 frames, L-KV 1/4, H-KV 1/32, the first, the
+    # last and the most relevant chunk in detail
+    methods = [
+        (f"uncompressed, {small} frames", small, None),
+        (f"uncompressed, {large} frames (over budget)", large, None),
+        (f"adaretake keep, {large} frames", large, AdaReTaKe(budget, chunk_frames=args.kv_chunk_frames)),
+        (f"adaretake reforge, {large} frames", large,
+         AdaReTaKe(budget, positions="reforge", chunk_frames=args.kv_chunk_frames)),
+        (f"videox2l, {large} frames", large, VideoX2L(alpha_low=4, alpha_high=32, top_k=1, chunk_frames=16)),
+    ]
+    eos = tok.convert_tokens_to_ids("<|im_end|>")
+    print(f"# {args.needle}: {len(records)} needle questions of {args.heldout}; visual KV budget {budget} tokens "
+          f"({small} frames x {model.config.tokens_per_frame})")
+    print(f"{'method':>42} {'visual KV':>10} {'accuracy':>9}  per task")
+    scores = {}
+    for name, frames, policy in methods:
+        tasks: dict[str, list[int]] = {}
+        held = []
+        for rec in records:
+            item = prepare(rec, root, tok, FrameSettings(model.config.image_size, "dynamic_fps1", frames, frames,
+                                                         model.config.frames_per_clip))
+            ids = torch.tensor([item["input_ids"]])
+            embeds = model.encode_video_chunked(item["frames"], 16)
+            text = ids.shape[1] - 1
+            with torch.no_grad():
+                if policy is None:
+                    out = model.generate(input_ids=ids, video_embeds=embeds,
+                                         video_frame_counts=torch.tensor([item["frames"].shape[0]]), max_new_tokens=8,
+                                         do_sample=False, eos_token_id=eos, pad_token_id=tok.pad_token_id)
+                    new = out[0, ids.shape[1]:].tolist()
+                    held.append(embeds.shape[0])
+                else:
+                    inp, decoder = videoflash_input(model, ids, embeds, policy.chunk_frames)
+                    engine = ChunkedPrefillEngine(decoder, policy)
+                    logits = (engine.answer(engine.prefill_video(inp), inp) if isinstance(policy, VideoX2L)
+                              else engine.prefill(inp))
+                    layers = range(len(engine.cache.layers))
+                    held.append(sum(engine.cache.layer_length(i) - text for i in layers) / len(layers))
+                    new = engine.generate(logits, max_new_tokens=8, eos_token_id=eos)
+            answer = normalize_answer(tok.decode(new, skip_special_tokens=True))
+            tasks.setdefault(rec["task"], []).append(int(answer == normalize_answer(rec["answer"])))
+        total = sum(sum(v) for v in tasks.values()) / len(records)
+        scores[name] = total
+        per_task = "  ".join(f"{k} {sum(v)}/{len(v)}" for k, v in sorted(tasks.items()))
+        print(f"{name:>42} {sum(held) / len(held):>10.1f} {total:>9.3f}  {per_task}", flush=True)
+    base, keep, reforge = (scores[m[0]] for m in (methods[0], methods[2], methods[3]))
+    print(f"needle accuracy at the KV budget of {small} frames, AdaReTaKe with {large} frames / {small} subsampled "
+          f"({base:.3f}): keep {_ratio(keep, base)}, reforge {_ratio(reforge, base)}")
 
 
 def run_cpu(args) -> None:
@@ -491,7 +571,11 @@ def main(argv=None) -> None:
     p.add_argument("--kv-budget", type=int, default=None, help="AdaReTaKe: tokens of context")
     p.add_argument("--budget-frames", type=int, default=256,
                    help="--kv: the KV budget is the uncompressed cache at this many frames")
-    p.add_argument("--kv-chunk-frames", type=int, default=32, help="--kv: frames per prefill chunk")
+    p.add_argument("--kv-chunk-frames", type=int, default=32, help="--kv / --needle: frames per prefill chunk")
+    p.add_argument("--needle", metavar="EXPORT", help="needle accuracy of this trained export (see above)")
+    p.add_argument("--heldout", default="data/quickstart/heldout.jsonl", help="--needle: held-out questions")
+    p.add_argument("--needle-frames", type=int, nargs=2, default=[16, 128], metavar=("SMALL", "LARGE"),
+                   help="--needle: frames that fit uncompressed, frames given to the compressed methods")
     args = p.parse_args(argv)
     if args.device == "cpu" and os.environ.get("MALLOC_MMAP_THRESHOLD_") is None and argv is None:
         # glibc then returns large blocks to the OS when they are freed, so the resident set follows
@@ -500,7 +584,9 @@ def main(argv=None) -> None:
     for frames in args.frames:
         if frames % 4:
             raise SystemExit(f"frame counts are multiples of 4, got {frames}")
-    if args.device == "cuda":
+    if args.needle:
+        run_needle(args)
+    elif args.device == "cuda":
         run_cuda_kv(args) if args.kv else run_cuda(args)
     else:
         run_cpu_kv(args) if args.kv else run_cpu(args)
