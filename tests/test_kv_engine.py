@@ -183,10 +183,15 @@ def test_x2l_loads_the_rest_as_h_kv_and_reuses_the_prefill(tok, model, embeds):
     assert q1 and store.host_bytes() > 0
 
 
-def test_x2l_keynorm_and_the_errors(tok, model, embeds):
+def test_x2l_keynorm_a_pooled_prefill_past_and_the_errors(tok, model, embeds):
     policy, inp, engine = _x2l(model, _ids(tok), embeds, score="keynorm", top_k=1)
     out = engine.generate(engine.answer(engine.prefill_video(inp), inp), max_new_tokens=NEW)
     assert len(out) == NEW
+    # later chunks may attend to the H-KV of earlier ones: the device holds 4 tokens per chunk
+    policy, inp, engine = _x2l(model, _ids(tok), embeds, prefill_past="high")
+    store = engine.prefill_video(inp)
+    assert [engine.cache.layer_length(i) for i in range(4)] == [inp.video_start + 3 * 4] * 4
+    assert len(engine.generate(engine.answer(store, inp), max_new_tokens=NEW)) == NEW
     m = tiny_chat_model(tok, seed=5)
     m.config.set_visual_dropout([2], [0.5], ["text"], inference=True)
     _, inp, engine = _x2l(m, _ids(tok), embeds)

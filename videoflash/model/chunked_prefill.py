@@ -266,7 +266,10 @@ class VideoX2L:
     tokens by ``score``: ``"attention"`` of the chunk onto itself, or ``"keynorm"``) and an H-KV
     (its KV mean-pooled at stride ``alpha_high``), both kept in host memory (pinned on CUDA) and
     reusable for every question about the same video. While the video is prefilled, later chunks
-    attend to the L-KV of earlier ones. For a question, every layer ranks the chunks by
+    attend to the L-KV of earlier ones (``prefill_past="low"``; the device then holds
+    ``n / alpha_low`` tokens) or to their H-KV (``"high"``: ``n / alpha_high``, for the longest
+    videos). The reference runs the prefill twice, once per ratio, each seeing its own kind of
+    past; one pass is half the cost. For a question, every layer ranks the chunks by
     :func:`~.kv_compression.chunk_relevance` of the question's queries and the chunk's keys; the
     ``top_k`` best and the first and last chunk are loaded as L-KV, the others as H-KV, in temporal
     order. Positions are those of the uncompressed sequence (pooled tokens: the floor of their mean)."""
@@ -274,9 +277,12 @@ class VideoX2L:
     guide = False
 
     def __init__(self, alpha_low: int = 2, alpha_high: int = 32, top_k: int = 3, score: str = "attention",
-                 chunk_frames: int = 32):
+                 chunk_frames: int = 32, prefill_past: str = "low"):
         if score not in ("attention", "keynorm"):
             raise ValueError(f"VideoX2L score={score!r}: expected attention or keynorm")
+        if prefill_past not in ("low", "high"):
+            raise ValueError(f"VideoX2L prefill_past={prefill_past!r}: expected low or high")
+        self.prefill_past = prefill_past
         if int(alpha_low) < 1 or int(alpha_high) < 1 or int(top_k) < 0:
             raise ValueError("VideoX2L needs alpha_low >= 1, alpha_high >= 1 and top_k >= 0")
         self.alpha_low, self.alpha_high, self.top_k, self.score = int(alpha_low), int(alpha_high), int(top_k), score
@@ -303,7 +309,10 @@ class VideoX2L:
             pair = [tuple(t.to(host).pin_memory() if pin else t.to(host, copy=True) for t in kv) for kv in pair]
             low.append(pair[0])
             high.append(pair[1])
-            cache.keep(i, info.start, info.length, index)
+            if self.prefill_past == "low":
+                cache.keep(i, info.start, info.length, index)
+            else:
+                cache.put(i, info.start, pk, pv)
         return _ChunkStore(low, high, means)
 
     def choose(self, store: VideoX2LStore, q: torch.Tensor, layer_idx: int) -> list[int]:

@@ -268,8 +268,8 @@ class CompressedCache(DynamicCache):
     """A ``DynamicCache`` whose layers may hold different numbers of tokens.
 
     The engine grows it through the ordinary ``update`` calls of transformers' attention layers,
-    then shrinks the newest chunk of each layer with :meth:`keep` and drops the guide prompt with
-    :meth:`drop_last`; :meth:`replace` installs a layer assembled elsewhere (Video-X²L's mixed
+    then shrinks the newest chunk of each layer with :meth:`keep` (or :meth:`put`) and drops the
+    guide prompt with :meth:`drop_last`; :meth:`replace` installs a layer assembled elsewhere (Video-X²L's mixed
     L/H-KV). ``allocations[l]`` records, per compressed chunk, how many tokens layer ``l`` kept."""
 
     def __init__(self, num_layers: int):
@@ -289,13 +289,17 @@ class CompressedCache(DynamicCache):
         them is dropped too. ``keys`` replaces the kept keys (re-rotated positions)."""
         layer = self.layers[layer_idx]
         index = index.to(layer.keys.device)
-        k = layer.keys[:, :, start : start + length].index_select(2, index)
-        v = layer.values[:, :, start : start + length].index_select(2, index)
-        if keys is not None:
-            k = keys[None].to(k.dtype)
-        layer.keys = torch.cat([layer.keys[:, :, :start], k], 2)
-        layer.values = torch.cat([layer.values[:, :, :start], v], 2)
-        self.allocations[layer_idx].append(int(index.numel()))
+        if keys is None:
+            keys = layer.keys[0, :, start : start + length].index_select(1, index)
+        self.put(layer_idx, start, keys, layer.values[0, :, start : start + length].index_select(1, index))
+
+    def put(self, layer_idx: int, start: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Replace layer ``layer_idx`` from token ``start`` on by ``keys`` / ``values`` ``[Hkv, m, d]``
+        (a compressed chunk); ``m`` is recorded in ``allocations``."""
+        layer = self.layers[layer_idx]
+        layer.keys = torch.cat([layer.keys[:, :, :start], keys[None].to(layer.keys.dtype)], 2)
+        layer.values = torch.cat([layer.values[:, :, :start], values[None].to(layer.values.dtype)], 2)
+        self.allocations[layer_idx].append(int(keys.shape[1]))
 
     def drop_last(self, layer_idx: int, count: int) -> None:
         if count:
