@@ -282,3 +282,28 @@ def test_bench_kv_mode_runs_and_prints_the_frame_ratio():
     kv = {(r[0], r[1]): float(r[5]) for r in rows}
     assert kv["32", "adaretake"] < kv["32", "none"] and kv["32", "dropout+adaretake"] <= kv["32", "adaretake"]
     assert lines[-1].startswith("frames that fit the KV cache of 8 uncompressed frames: AdaReTaKe >= 32 (x>= 4.00)")
+
+
+def test_the_gpu_search_doubles_then_bisects(capsys):
+    """The frame-count search of the --device cuda path, with an attempt that runs out of memory
+    above 5000 frames (the CUDA calls themselves need a GPU this project's tests do not have)."""
+    import importlib.util
+    import os
+    from types import SimpleNamespace
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "bench_long_video.py")
+    spec = importlib.util.spec_from_file_location("bench_long_video", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    tried = []
+
+    def attempt(n):
+        tried.append(n)
+        return None if n > 5000 else (n / 1000, n / 100)
+
+    args = SimpleNamespace(start_frames=1024, max_frames=65536, resolution=256)
+    fits, fails, timing = bench.search_frames(attempt, "adaretake", args, 16)
+    assert tried[:4] == [1024, 2048, 4096, 8192]  # doubling until the first failure
+    assert fits <= 5000 < fails and fails - fits <= 256 and fits % 4 == 0
+    assert timing == (fits / 1000, fits / 100)
+    assert "adaretake: 8192 frames (131072 tokens): OOM" in capsys.readouterr().out
