@@ -137,6 +137,8 @@ def test_reforge_compresses_positions_and_keeps_decoding(tok, model, embeds):
     expected = sum(127 - int(127 * r) for _ in range(3))  # each chunk's span of 128 shrinks to floor(127 r) + 1
     assert engine.offsets == [-expected]
     assert len(out) == NEW
+    # the engine starts over on a second prefill
+    assert engine.generate(engine.prefill(inp), max_new_tokens=NEW) == out and engine.offsets == [-expected]
 
 
 def _x2l(model, ids, embeds, **kw):

@@ -508,6 +508,7 @@ class ChunkedPrefillEngine:
 
     def _prefix(self, inp: LongVideoInput) -> None:
         self.cache = CompressedCache(len(self.decoder.layers))
+        self.offsets = [0] * self.num_stages
         self.policy.begin(inp)
         s = inp.video_start
         if s:
@@ -553,6 +554,8 @@ class ChunkedPrefillEngine:
     @torch.no_grad()
     def prefill_video(self, inp: LongVideoInput) -> VideoX2LStore:
         """Video-X²L's question-independent prefill of the system prompt and the video."""
+        if inp.video_start == 0:
+            raise ValueError("Video-X²L needs text before the video (the system prompt) in the prompt")
         self._prefix(inp)
         system = [tuple(t.clone() for t in self.cache.tail(i, 0, self.cache.layer_length(i)))
                   for i in range(len(self.decoder.layers))]
@@ -563,6 +566,9 @@ class ChunkedPrefillEngine:
     @torch.no_grad()
     def answer(self, store: VideoX2LStore, inp: LongVideoInput) -> torch.Tensor:
         """Prefill the text after the video of ``inp`` on the chunks each layer finds relevant."""
+        if inp.video_end != store.video_end:
+            raise ValueError(f"this prompt's video ends at token {inp.video_end}, the stored prefill's at "
+                             f"{store.video_end}: not the same system prompt and video")
         self.cache = CompressedCache(len(self.decoder.layers))
         self.offsets = list(store.offsets)
         policy = self.policy
