@@ -97,7 +97,7 @@ def test_chat_with_published_dropout_yarn_and_compression(tok, video):
     assert deep.config.visual_dropout_in_inference is False
 
 
-def test_cli_kv_flags(tok, model, video, tmp_path):
+def test_cli_kv_flags(tok, model, video, tmp_path, capsys):
     from videoflash.inference.chat_cli import main
 
     d = tmp_path / "export"
@@ -108,7 +108,8 @@ def test_cli_kv_flags(tok, model, video, tmp_path):
     out = io.StringIO()
     assert main(base + [Q1, Q2], stdout=out) == 0
     plain = out.getvalue().splitlines()
-    for flags in (["--kv-compression", "adaretake", "--kv-budget", "1000000", "--kv-chunk-frames", "4"],
+    for flags in (["--kv-compression", "adaretake", "--kv-budget", "1000000", "--kv-chunk-frames", "4",
+                   "--kv-positions", "reforge", "--kv-max-guide-length", "6"],
                   ["--kv-compression", "videox2l", "--kv-chunk-frames", "4", "--kv-top-k", "99"]):
         out = io.StringIO()
         assert main(base + flags + [Q1, Q2], stdout=out) == 0
@@ -117,3 +118,7 @@ def test_cli_kv_flags(tok, model, video, tmp_path):
         else:
             assert len(out.getvalue().splitlines()) == 2
     assert main(base + ["--kv-compression", "videox2l", "--kv-budget", "100", Q1], stdout=io.StringIO()) == 1
+    assert "no token budget" in capsys.readouterr().err
+    assert main(base + ["--kv-compression", "adaretake", "--kv-budget", "30", "--kv-chunk-frames", "4", "--stats", Q1],
+                stdout=io.StringIO()) == 0
+    assert "KV cache" in capsys.readouterr().err

@@ -48,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-chunk-frames", type=int, default=32, metavar="N", help="frames per prefill chunk")
     p.add_argument("--kv-positions", choices=["keep", "reforge"], help="AdaReTaKe: position handling (default keep)")
     p.add_argument("--kv-top-k", type=int, metavar="K", help="Video-X²L: chunks reloaded in detail (default 3)")
+    p.add_argument("--kv-max-guide-length", type=int, metavar="N",
+                   help="AdaReTaKe: guide each chunk with the last N tokens of the question only")
     p.add_argument("--yarn", type=float, metavar="FACTOR", help="YaRN rope scaling factor for long contexts")
     p.add_argument("--yarn-original", type=int, metavar="N", help="native context for YaRN (default: the LLM's)")
     p.add_argument("--max-new-tokens", type=int, default=512)
@@ -137,6 +139,8 @@ def main(argv: list[str] | None = None, stdin=None, stdout=None) -> int:
             options["positions"] = args.kv_positions
         if args.kv_top_k is not None:
             options["top_k"] = args.kv_top_k
+        if args.kv_max_guide_length is not None:
+            options["max_guide_length"] = args.kv_max_guide_length
         kv = {"kv_compression": args.kv_compression, "kv_budget": args.kv_budget, "kv_options": options}
 
     def questions():
