@@ -27,9 +27,9 @@ included; ``--probe full``: every frame) in ``--workers`` supervised child proce
 (:mod:`videoflash.data.isolation`), with a progress bar. A file that kills its probe process (a
 segfault or abort inside the decoder) is rejected as ``decoder_crash`` naming the signal, one whose
 probe runs past ``--probe-timeout`` seconds as ``decoder_timeout``; the process is replaced and the
-job goes on. Shards are
-planned from the annotation order and file sizes before any probing, written atomically, and each
-finished shard leaves a small ``.done.json`` beside it: a re-run skips shards whose plan is unchanged.
+job goes on. Shards are planned from the annotation order and file sizes before any probing, written
+atomically, and each finished shard leaves a small ``.done.json`` beside it: a re-run skips shards
+whose plan is unchanged.
 """
 
 from __future__ import annotations
@@ -352,7 +352,7 @@ def build_shard_set(job: ShardJob, source: str | None = None) -> dict:
             out = next(results)
             bar.update()
             if isinstance(out, IsolationError):
-                out = {"key": it.key, "reject": (out.reason, f"{out} (probing {it.media[0][0]})")}
+                out = {"key": it.key, "reject": (out.reason, f"{out} (probing {it.media[0][0] if it.media else it.key})")}
             if "reject" in out:
                 reason, msg = out["reject"]
                 media = it.media[0][0] if it.media else None

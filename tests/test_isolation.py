@@ -99,7 +99,11 @@ def test_isolated_crash_timeout_exception_and_replacement(crashers):
     assert hung.value.reason == TIMEOUT and time.monotonic() - t0 < 10
     with pytest.raises(IsolationError, match="killed by SIGKILL"):
         t.call("sigkill")
-    assert t.call("ok")[1] not in (pid, None)
+    pid = t.call("ok")[1]
+    assert pid not in (None, os.getpid())
+    os.kill(pid, signal.SIGKILL)  # killed from outside while idle: the next task is not lost for it
+    time.sleep(0.2)
+    assert t.call("ok")[1] != pid
     t.close()
     assert _children() == before  # every child reaped
 
@@ -167,7 +171,7 @@ def test_make_shards_rejects_crashers_and_hangs(crash_media, tmp_path, workers):
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "data_tools.make_shards", "--annotations", str(crash_media / "ann.jsonl"),
            "--media-root", str(crash_media), "--out", str(out), "--prefix", "c", "--workers", str(workers),
-           "--max-samples-per-shard", "3", "--probe-timeout", "8"]  # fmt: skip
+           "--max-samples-per-shard", "3", "--probe-timeout", "12"]  # fmt: skip
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     index = json.loads((out / "c-index.json").read_text())
@@ -177,8 +181,8 @@ def test_make_shards_rejects_crashers_and_hangs(crash_media, tmp_path, workers):
     for sh in index["shards"]:
         with tarfile.open(out / sh["name"]) as tf:
             ids |= {json.loads(tf.extractfile(m).read())["id"] for m in tf.getmembers() if m.name.endswith(".json")}
-    assert ids == {"good0", "good1", "good2", "img", "text"} and index["total"] == 5
     rejects = {r["record_id"]: r for r in map(json.loads, (out / "c-rejects.jsonl").read_text().splitlines())}
+    assert ids == {"good0", "good1", "good2", "img", "text"} and index["total"] == 5, rejects
     assert set(rejects) == {"decord_segv_4", "decord_segv_36", "decord_abort_726", "stuck"}
     for name, sig in CRASHERS.items():
         r = rejects[name.split(".")[0]]
@@ -257,6 +261,18 @@ def test_resume_before_a_crasher_skips_it_again(crash_set, tokenizer):
         got += [_fingerprint(b) for b in second]
         assert got == reference, f"resumed after {cut} batches"
         assert second.skip_counts() == ref_skips
+
+
+def test_loader_decode_timeout_skips_the_video(tmp_path, tokenizer):
+    # a deadline far shorter than any decode: every video times out (its child killed and replaced),
+    # the text samples between them still make the batches
+    from tests.test_pipeline import txt
+
+    pattern = make_set(tmp_path, "slow", [[vid("v0"), txt("t0"), vid("v1"), txt("t1"), vid("v2"), txt("t2")]])
+    c = cfg(pattern, max_batch_size=1, shuffle_buffer=1, batches_per_epoch=3, num_workers=0, decode_timeout_s=1e-6)
+    loader = build_loader(c, tokenizer)
+    assert [k for b in take(loader) for k in b["keys"]] == ["t0", "t1", "t2"]
+    assert loader.skip_counts()["by_reason"] == {"decoder_timeout": 3}
 
 
 def test_inline_decoding_dies_on_a_crasher(crash_set, tokenizer):

@@ -52,7 +52,8 @@ TIMEOUT = "decoder_timeout"
 
 _PREFIX = struct.Struct("<QI")  # pickle length, number of out-of-band buffers
 _SIZE = struct.Struct("<Q")
-_FATAL = ("SIGSEGV", "SIGBUS", "SIGFPE", "SIGILL", "SIGABRT", "SIGTERM", "SIGCHLD")
+# signals whose handlers the child resets to the default (a crash must end it plainly)
+_DEFAULT_SIGNALS = ("SIGSEGV", "SIGBUS", "SIGFPE", "SIGILL", "SIGABRT", "SIGTERM", "SIGCHLD")
 _PIPE_SIZE = 1 << 20
 _F_SETPIPE_SZ = 1031  # Linux fcntl
 
@@ -85,42 +86,34 @@ class _Reader:
     """Reads one message from a file descriptor, blocking or not (``feed`` as data arrives)."""
 
     def __init__(self):
-        self._parts = [bytearray(_PREFIX.size)]
+        self._want = [bytearray(_PREFIX.size)]  # buffers still to fill, in order
+        self._got: list[bytearray] = []
         self._filled = 0
-        self._stage = 0  # 0: prefix, 1: sizes, 2: pickle + buffers
-        self._nbufs = 0
 
     def feed(self, fd: int):
         """Read what is available; returns ``(True, obj)`` once the message is whole, else
         ``(False, None)``. Raises ``EOFError`` at the end of the pipe."""
-        while True:
-            part = self._parts[-1]
-            if self._filled < len(part):
+        while self._want:
+            buf = self._want[0]
+            if self._filled < len(buf):
                 try:
-                    n = os.readv(fd, [memoryview(part)[self._filled :]])
+                    n = os.readv(fd, [memoryview(buf)[self._filled :]])
                 except BlockingIOError:
                     return False, None
                 if n == 0:
                     raise EOFError
                 self._filled += n
                 continue
-            if self._stage == 0:
-                head_len, self._nbufs = _PREFIX.unpack(part)
-                self._head_len = head_len
-                self._stage = 1
-                self._parts.append(bytearray(_SIZE.size * self._nbufs))
-            elif self._stage == 1:
-                sizes = [_SIZE.unpack_from(part, k * _SIZE.size)[0] for k in range(self._nbufs)]
-                self._stage = 2
-                self._first_payload = len(self._parts)
-                self._pending = [bytearray(self._head_len)] + [bytearray(s) for s in sizes]
-                self._parts.append(self._pending.pop(0))
-            elif self._pending:
-                self._parts.append(self._pending.pop(0))
-            else:
-                head, *bufs = self._parts[self._first_payload :]
-                return True, pickle.loads(head, buffers=bufs)
+            self._got.append(self._want.pop(0))
             self._filled = 0
+            if len(self._got) == 1:  # the prefix: the table of buffer sizes comes next
+                self._head_len, nbufs = _PREFIX.unpack(buf)
+                self._want.append(bytearray(_SIZE.size * nbufs))
+            elif len(self._got) == 2:  # the table: then the pickle and the buffers
+                sizes = [_SIZE.unpack_from(buf, k) for k in range(0, len(buf), _SIZE.size)]
+                self._want += [bytearray(self._head_len)] + [bytearray(n) for (n,) in sizes]
+        head, *bufs = self._got[2:]
+        return True, pickle.loads(head, buffers=bufs)
 
 
 def _write_all(fd: int, parts: list, deadline: float | None) -> None:
@@ -191,7 +184,7 @@ def _in_child(fn, req_r: int, res_w: int) -> None:
     code = 0
     try:
         _close_fds_except({req_r, res_w})
-        for name in _FATAL:
+        for name in _DEFAULT_SIGNALS:
             if hasattr(signal, name):
                 signal.signal(getattr(signal, name), signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -223,9 +216,13 @@ def _describe(status: int) -> str:
     return f"exited with code {os.WEXITSTATUS(status)}"
 
 
+_UNREAPED: list[int] = []  # killed children stuck in the kernel (uninterruptible I/O): reaped later
+
+
 def _reap(pid: int, kill: bool) -> int | None:
-    """Wait for ``pid`` (SIGKILL it first when ``kill``, or when it outlives a grace of 5 s);
-    returns its wait status."""
+    """Wait for ``pid`` and return its wait status (None if unknown). ``kill``: SIGKILL it first;
+    otherwise it is expected to be dying, and is killed if it outlives a grace of 5 s. Never blocks
+    for long: a child that SIGKILL does not end within 5 s is left to :func:`_reap_stragglers`."""
     if kill:
         try:
             os.kill(pid, signal.SIGKILL)
@@ -234,15 +231,28 @@ def _reap(pid: int, kill: bool) -> int | None:
     give_up = time.monotonic() + 5.0
     while True:
         try:
-            done, status = os.waitpid(pid, 0 if kill else os.WNOHANG)
+            done, status = os.waitpid(pid, os.WNOHANG)
         except ChildProcessError:
             return None
         if done:
             return status
         if time.monotonic() > give_up:
-            kill = True
+            if kill:
+                _UNREAPED.append(pid)
+                return None
+            kill, give_up = True, time.monotonic() + 5.0
             os.kill(pid, signal.SIGKILL)
         time.sleep(0.001)
+
+
+def _reap_stragglers() -> None:
+    for pid in list(_UNREAPED):
+        try:
+            done = os.waitpid(pid, os.WNOHANG)[0]
+        except ChildProcessError:
+            done = True
+        if done:
+            _UNREAPED.remove(pid)
 
 
 def _shutdown(owner: int, pid: int, fds: list[int]) -> None:
@@ -289,6 +299,7 @@ class Isolated:
     def start(self) -> None:
         if self.pid is not None:
             return
+        _reap_stragglers()
         req_r, req_w = os.pipe()
         res_r, res_w = os.pipe()
         for fd in (req_w, res_w):
