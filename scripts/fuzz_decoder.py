@@ -4,13 +4,14 @@
 
 The seed is a small real H.264 mp4 written with PyAV (``--seed-file`` takes another). Each candidate
 is the seed with ``--flips`` random bytes replaced (seeded by ``--seed`` and the try number, so a run
-can be repeated). A forked child decodes it the way the data room does (``videoflash.data.decode.VideoDecoder``, then
-``frames`` over the whole video and its last frame, as make_shards' probe and the loader do);
-Python exceptions are the normal outcome of a damaged file and count as "rejected". A child that
-dies by a signal (SIGSEGV, SIGABRT, SIGFPE, SIGBUS ...) or runs past ``--timeout`` is a finding:
-its bytes are written to ``--out`` as ``{signal or hang}-{stage}-{try}.mp4``, the stage being the step
-the child was in (``open``: the container and decoder set-up; ``frames``: decoding). The last line prints how many
-candidates were tried, rejected, decoded and crashed.
+can be repeated). A forked child decodes it the way the data room does
+(``videoflash.data.decode.VideoDecoder``, then ``frames`` spread over the video and its last frame,
+as make_shards' probe and the loader do); Python exceptions are the normal outcome of a damaged file
+and count as "rejected". A child that dies by a signal (SIGSEGV, SIGABRT, SIGFPE, SIGBUS ...) or runs
+past ``--timeout`` is a finding: its bytes are written to ``--out`` as
+``{signal or hang}-{stage}-{try}.mp4``, the stage being the step the child was in (``open``: the
+container and decoder set-up; ``frames``: decoding). The last line prints how many candidates were
+tried and how each ended.
 """
 
 from __future__ import annotations

@@ -13,8 +13,9 @@ runs in a child process that the caller supervises:
   queues or other children's pipes), restores the default handlers of the fatal signals (so a
   segfault ends it plainly), ignores SIGINT (Ctrl-C stops the caller, which then ends its children)
   and sets torch to one thread.
-- Tasks and results travel over two pipes as pickles (protocol 5, with large buffers such as frame
-  arrays and media bytes sent out of band: one copy through the kernel each way, no pickling copy).
+- Tasks and results travel over two pipes as pickles (protocol 5: numpy arrays such as the decoded
+  frames go out of band, one copy through the kernel each way and none into the pickle; ``bytes``,
+  such as a sample's mp4, go inside the pickle).
 - The caller waits for a result up to a timeout. The child's death shows as the end of its result
   pipe (or a broken request pipe); the caller then reaps it and reads the signal. A crash raises
   :class:`IsolationError` with reason ``decoder_crash`` (naming the signal or exit code), a timeout
@@ -31,7 +32,8 @@ decoding (``LoaderConfig.decode_isolation``/``decode_timeout_s``).
 Costs and limits: a child is a copy-on-write view of its parent at the fork, so memory the parent
 frees later stays held by the child until it exits (a stream forks its child when it starts, before
 its shuffle buffer fills; after a crash the replacement is forked from the stream as it is then).
-POSIX only (``os.fork``).
+POSIX only (``os.fork``); Python 3.12+ warns (DeprecationWarning) when a process with threads forks,
+as it does for DataLoader workers started by fork.
 """
 
 from __future__ import annotations
