@@ -4,12 +4,13 @@ several images padded to a square with the mean colour, and the release's grid p
 
 from __future__ import annotations
 
-import av
 import numpy as np
 import pytest
 import torch
 
-from tests.inference_helpers import frame_id, tiny_tokenizer, write_mp4
+from data_tools.media import write_mp4
+from tests.inference_helpers import frame_id, tiny_tokenizer
+from tests.inference_helpers import write_mp4 as write_indexed_mp4
 from videoflash.model.anyres import resize_frames
 from videoflash.model.processing_videoflash import VideoFlashProcessor, reference_span
 
@@ -28,19 +29,10 @@ def _proc(tok, **kw):
 
 
 def _textured_mp4(path, num_frames=8, fps=4, width=176, height=144, seed=0):
-    """A real H.264 mp4 of fine random texture (so that resizing paths differ)."""
+    """A real H.264 mp4 of random 16x16 blocks (edges the codec keeps, so resizing paths differ)."""
     rng = np.random.default_rng(seed)
-    with av.open(str(path), "w", format="mp4") as container:
-        stream = container.add_stream("libx264", rate=fps)
-        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        stream.options = {"crf": "12"}
-        for _ in range(num_frames):
-            base = rng.integers(0, 256, (height // 16, width // 16, 3), dtype=np.uint8)
-            arr = np.kron(base, np.ones((16, 16, 1), np.uint8))  # 16x16 blocks: edges the codec keeps
-            for packet in stream.encode(av.VideoFrame.from_ndarray(arr, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
+    base = rng.integers(0, 256, (num_frames, height // 16, width // 16, 3), dtype=np.uint8)
+    write_mp4(str(path), base.repeat(16, axis=1).repeat(16, axis=2), fps, crf=12)
     return path
 
 
@@ -56,7 +48,7 @@ def test_reference_span_is_the_releases_arithmetic():
 
 
 def test_reference_rules_sample_the_release_frames(tok, tmp_path):
-    video = write_mp4(tmp_path / "v15.mp4", 60, fps=4)  # 15 s
+    video = write_indexed_mp4(tmp_path / "v15.mp4", 60, fps=4)  # 15 s, frame i coloured by i
     proc = _proc(tok, frame_rules="videochat_flash")
     # the min wins over a smaller max (videoflash's own rule lowers the min: 4 frames)
     _, meta = proc.load_video(video, max_frames=4)
