@@ -200,3 +200,16 @@ def test_converted_release_is_asked_and_sampled_as_the_release(tmp_path):
     expected = (system + "<|im_end|>" + "\n" + "<|im_start|>user" + "\n" + "<image>\n" + time_msg + " "
                 + "what colour is the ball ?" + "<|im_end|>" + "\n" + "<|im_start|>assistant" + "\n")
     assert text == expected
+
+
+def test_exporting_a_converted_release_keeps_its_processing(tmp_path):
+    from videoflash.inference.export import export
+
+    original, tok = _released_like_model()
+    src, out = tmp_path / "release", tmp_path / "converted"
+    _write_videochat_flash_checkpoint(original, tok, src, {"llm_compress_layer_list": []})
+    convert(src, out)
+    export(out, tmp_path / "hub", full_load_check=False, log=lambda *a: None)
+    proc = json.loads((tmp_path / "hub" / "processor_config.json").read_text())
+    assert (proc["frame_rules"], proc["resize"], proc["multi_image"]) == ("videochat_flash", "exact", "pad")
+    assert (proc["min_frames"], proc["max_frames"], proc["system_prompt"]) == (64, 512, "You are a helpful assistant.")
