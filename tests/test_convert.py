@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -182,7 +185,11 @@ def test_converted_release_is_asked_and_sampled_as_the_release(tmp_path):
     tc = json.loads((src / "tokenizer_config.json").read_text())
     tc.pop("tokenizer_class", None)
     (src / "tokenizer_config.json").write_text(json.dumps(tc))
-    convert(src, out)
+    res = subprocess.run([sys.executable, "-m", "data_tools.convert_videochat_flash", str(src), str(out)],
+                         stdin=subprocess.PIPE, capture_output=True, text=True, timeout=120,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "[y/N]" not in res.stdout + res.stderr and "custom code" not in res.stdout + res.stderr
 
     config = VideoFlashConfig.from_pretrained(out)
     proc = VideoFlashProcessor.from_directory(out, config=config)
