@@ -237,11 +237,15 @@ def convert(src: str | Path, out: str | Path, dtype: str = "keep", max_shard_siz
                 renamed[key] = torch.cat([w, w.float().mean(0, keepdim=True).to(w.dtype)], 0)
         text["vocab_size"] = image_token_id + 1
 
+    pinpoints = grid_pinpoints(cfg, vision["image_size"])
+    # the largest grid side, which training's image tiling uses (the processor uses the pinpoints)
+    max_grid = max(max(w, h) for w, h in pinpoints) // vision["image_size"] if pinpoints else 6
     config = VideoFlashConfig(
         vision_config=vision,
         text_config=text,
         tokens_per_clip=64,
         tokens_per_image=64,
+        max_grid=max_grid,
         image_token_id=image_token_id,
         **dropout_schedule(cfg),
     )

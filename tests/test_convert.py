@@ -197,6 +197,7 @@ def test_converted_release_is_asked_and_sampled_as_the_release(tmp_path):
     assert (proc.frame_rules, proc.resize, proc.multi_image, proc.image_mode) == ("videochat_flash", "exact", "pad", "anyres")
     # "(1x1),...,(2x3)": (i, j) for i (width) in 1..2, j (height) in 1..3, times the 224 px tile
     assert proc.grid_pinpoints == [[224, 224], [224, 448], [224, 672], [448, 224], [448, 448], [448, 672]]
+    assert config.max_grid == 3  # training's tiling goes up to the largest side
     # the release's qwen_2 conversation (CHATML separator style), written out by hand
     video = write_mp4(tmp_path / "v.mp4", 80, fps=4, width=64, height=64)  # 20 s
     frames, meta = proc.load_video(str(video))
