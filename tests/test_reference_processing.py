@@ -67,7 +67,7 @@ def test_reference_rules_sample_the_release_frames(tok, tmp_path):
 def test_exact_path_is_full_size_decode_then_bicubic(tok, tmp_path):
     import decord
 
-    video = _textured_mp4(tmp_path / "tex.mp4")
+    video = _textured_mp4(tmp_path / "tex.mp4", num_frames=80)  # 20 s -> 20 frames: two decode chunks
     exact, meta = _proc(tok, resize="exact").load_video(video)
     full = decord.VideoReader(str(video)).get_batch(meta.indices).asnumpy()
     assert full.shape[1:] == (144, 176, 3)

@@ -70,6 +70,7 @@ __all__ = [
 ]
 
 IMAGE_TOKEN = "<image>"
+_EXACT_CHUNK = 16  # full-size frames decoded per call on the exact path
 FRAME_RULES = ("videoflash", "videochat_flash")
 RESIZES = ("decode", "exact")
 MULTI_IMAGE = ("squash", "pad")
@@ -251,9 +252,16 @@ class VideoSource:
         if self._frames is not None:
             return resize_square(self._frames[indices], self.size).contiguous()
         uniq = sorted(set(indices))
-        got = self._read(uniq)
-        if got.shape[1] != self.size or got.shape[2] != self.size:
-            got = resize_frames(got, self.size, self.size)
+        # full-size frames (exact) are resized a few at a time, so that 512 frames of 1080p never
+        # exist decoded at once
+        step = _EXACT_CHUNK if self._decode_width is None else len(uniq)
+        parts = []
+        for lo in range(0, len(uniq), step):
+            got = self._read(uniq[lo : lo + step])
+            if got.shape[1] != self.size or got.shape[2] != self.size:
+                got = resize_frames(got, self.size, self.size)
+            parts.append(got)
+        got = torch.cat(parts) if len(parts) > 1 else parts[0]
         pos = {f: k for k, f in enumerate(uniq)}
         return got[[pos[i] for i in indices]].contiguous()
 
