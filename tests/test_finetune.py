@@ -171,3 +171,17 @@ def test_lora_finetune_on_zero3_trains_only_adapters_and_resumes_exactly(tmp_pat
         a = adapted(input_ids=ids, pixel_values_videos=frames).logits
         b = merged(input_ids=ids, pixel_values_videos=frames).logits
     assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_a_qlora_merge_takes_the_full_precision_base():
+    """A 4-bit layer's packed weight and quantization state are replaced by the starting weight."""
+    a, b = torch.randn(2, 6), torch.randn(4, 2)
+    w = torch.randn(4, 6)
+    state = {"m.q.base_layer.weight": torch.zeros(12, 1, dtype=torch.uint8),  # packed codes, another shape
+             "m.q.base_layer.weight.absmax": torch.ones(3),
+             "m.q.lora_A.default.weight": a, "m.q.lora_B.default.weight": b, "m.norm.weight": torch.ones(6)}
+    merged = adapters.merge_adapters(state, 2.0, base={"m.q.weight": w, "m.norm.weight": torch.ones(6)})
+    assert set(merged) == {"m.q.weight", "m.norm.weight"}
+    expected = [[w[i, j].item() + 2.0 * sum(b[i, k].item() * a[k, j].item() for k in range(2)) for j in range(6)]
+                for i in range(4)]
+    assert torch.allclose(merged["m.q.weight"], torch.tensor(expected), atol=1e-6)

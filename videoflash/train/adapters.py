@@ -126,15 +126,20 @@ def merge_adapters(state: dict[str, torch.Tensor], scaling: float,
                    base: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """Fold every adapter into its layer: ``W + scaling * B @ A`` (float32, cast back to ``W``'s
     dtype) under the plain name; adapter tensors dropped, other entries kept as they are.
-    ``base`` (QLoRA) supplies the full-precision ``W`` by plain name instead of ``state``'s."""
+    ``base`` (QLoRA) supplies the full-precision ``W`` by plain name where ``state`` holds a packed
+    4-bit tensor of another shape, and bitsandbytes' quantization state (``*.weight.absmax`` ...)
+    is left out."""
     pairs = _lora_pairs(state)
     out: dict[str, torch.Tensor] = {}
     for key, value in state.items():
         if is_adapter_param(key):
             continue
         name = _base_name(key)
-        if base is not None and name in base and not value.is_floating_point():
-            value = base[name]  # a 4-bit tensor: the starting point's weight instead
+        if base is not None:
+            if ".weight." in name:
+                continue  # quantization state of a 4-bit weight
+            if name in base and value.shape != base[name].shape:
+                value = base[name].to(value.dtype if value.is_floating_point() else base[name].dtype)
         module = key[: -len(".base_layer.weight")] if key.endswith(".base_layer.weight") else None
         if module in pairs:
             a, b = pairs[module]
