@@ -172,6 +172,12 @@ def test_lora_finetune_on_zero3_trains_only_adapters_and_resumes_exactly(tmp_pat
         b = merged(input_ids=ids, pixel_values_videos=frames).logits
     assert torch.allclose(a, b, atol=1e-5)
 
+    # the hub export of A's stage export carries the shipped adapter along
+    from videoflash.inference.export import export
+
+    export(run_a / "stage5" / "export", tmp_path / "hub", full_load_check=False, log=lambda *a: None)
+    assert (tmp_path / "hub" / "adapter" / "adapter_model.safetensors").is_file()
+
 
 def test_a_qlora_merge_takes_the_full_precision_base():
     """A 4-bit layer's packed weight and quantization state are replaced by the starting weight."""

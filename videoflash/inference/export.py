@@ -336,6 +336,10 @@ def export(
     processor.save_pretrained(tmp)
     for path in sorted(pkg.glob("*.py")):
         shutil.copy2(path, tmp / path.name)
+    if (src.checkpoint / "adapter" / "adapter_config.json").is_file():  # stage.adapter.export=adapter
+        shutil.copytree(src.checkpoint / "adapter", tmp / "adapter")
+        log("the source ships a LoRA adapter beside its base weights: copied to adapter/ "
+            "(load it with peft.PeftModel.from_pretrained(model, '<export>/adapter'))")
 
     shards = sorted(p.name for p in tmp.glob("*.safetensors"))
     files = {
