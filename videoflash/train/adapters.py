@@ -22,9 +22,10 @@ At the end of the stage the consolidated state dict leaves in one of two forms:
 
 QLoRA loads the LLM's linear layers in 4 bits (bitsandbytes NF4, compute and storage in the run's
 dtype, so that ZeRO-3 can shard them); it needs CUDA and bitsandbytes, and
-:func:`quantization_config` says so plainly elsewhere. Its export takes the full-precision base
-weights of the quantized layers from the starting directory (``stage.init``), since the 4-bit
-tensors are not the weights the adapters were meant to be added to.
+:func:`quantization_config` stops the run at once, saying which is missing. Its merge takes the
+full-precision base weights of the quantized layers from the starting directory (``stage.init``),
+since the 4-bit tensors only approximate the weights the adapters are added to. (Written to the
+bitsandbytes + ZeRO-3 recipe; not yet run on a GPU in this project's tests.)
 """
 
 from __future__ import annotations
