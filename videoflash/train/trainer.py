@@ -40,7 +40,7 @@ if not torch.cuda.is_available():
 
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-from videoflash.config.schema import VideoFlashSchema  # noqa: E402
+from videoflash.config.schema import FINETUNE_STAGE_ID, VideoFlashSchema  # noqa: E402
 from videoflash.data.collate import BATCH_KEYS  # noqa: E402
 
 from . import adapters, distributed, ds_config, stages  # noqa: E402
@@ -245,6 +245,10 @@ class Trainer:
 
         path = self.parts_export() if self.init.kind == "parts" else self.init.path
         config = VideoFlashConfig.from_pretrained(path)
+        if self.cfg.stage.id == FINETUNE_STAGE_ID and config.image_size != self.cfg.stage.image_size:
+            log.warning("the starting point runs at %d px, stage.image_size is %d: fine-tuning at %d px "
+                        "(set stage.image_size=%d to keep the model's resolution)", config.image_size,
+                        self.cfg.stage.image_size, self.cfg.stage.image_size, config.image_size)
         config.vision_config["image_size"] = self.cfg.stage.image_size  # stage 4: high resolution
         for key, value in self.dropout_fields().items():
             if value is not None:
