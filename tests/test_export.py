@@ -165,6 +165,29 @@ def test_export_of_a_bare_checkpoint_says_what_is_missing(tmp_path, tok):
     assert json.loads((out / "processor_config.json").read_text())["max_frames"] == 32
 
 
+@pytest.mark.parametrize("damage", ["truncated-shard", "garbled-tokenizer-config", "missing-shard"])
+def test_export_of_a_damaged_checkpoint_names_the_bad_file(tmp_path, tok, capsys, damage):
+    model = tiny_chat_model(tok, seed=2)
+    ckpt = tmp_path / "ckpt"
+    model.save_pretrained(ckpt, max_shard_size="300KB" if damage == "missing-shard" else "5GB")
+    tok.save_pretrained(ckpt)
+    shards = sorted(ckpt.glob("*.safetensors"))
+    if damage == "truncated-shard":
+        bad = shards[0]
+        bad.write_bytes(bad.read_bytes()[: bad.stat().st_size - 1000])
+    elif damage == "missing-shard":
+        bad = shards[-1]
+        bad.unlink()
+    else:
+        bad = ckpt / "tokenizer_config.json"
+        bad.write_text(bad.read_text()[:-20])
+    out = tmp_path / "out"
+    assert main([str(ckpt), str(out), "--no-load-check"]) == 1
+    err = capsys.readouterr().err
+    assert "is damaged" in err and str(bad) in err, err
+    assert not out.exists()
+
+
 def test_export_options_yarn_and_dropout(tmp_path, run_dir):
     out = tmp_path / "yarn_export"
     assert main([str(run_dir / "stage3"), str(out), "--yarn", "4", "--visual-dropout", "2:0.5:uniform,3:0.25:text",
@@ -262,6 +285,11 @@ CLEAN_SCRIPT = textwrap.dedent("""
     new = out[0, inputs["input_ids"].shape[1]:]
     answer, history = model.chat(video, question, processor=processor, max_new_tokens=8, return_history=True)
     follow = model.chat(video, "Where does it move?", history=history, max_new_tokens=8)  # processor from the dir
+    # the chunked-prefill engine ships in the export too (budget above the prompt: the same answer)
+    kv_answer = model.chat(video, question, processor=processor, max_new_tokens=8, kv_compression="adaretake",
+                           kv_budget=10**6, kv_options={"chunk_frames": 4})
+    x2l_answer = model.chat(video, question, processor=processor, max_new_tokens=8, kv_compression="videox2l",
+                            kv_options={"chunk_frames": 4, "top_k": 1})
     causal = AutoModelForCausalLM.from_pretrained(export, trust_remote_code=True)
     from transformers import AutoModelForImageTextToText
     itt = AutoModelForImageTextToText.from_pretrained(export, trust_remote_code=True)
@@ -278,6 +306,9 @@ CLEAN_SCRIPT = textwrap.dedent("""
         "generated": new.tolist(),
         "answer": answer,
         "follow": follow,
+        "kv_answer": kv_answer,
+        "x2l_answer": x2l_answer,
+        "engine_module": type(model._videoflash_kv_engine).__module__,
     }))
 """)
 
@@ -327,6 +358,8 @@ def test_export_answers_about_an_mp4_in_a_clean_environment(clean_python, export
     assert got["generated"] == expected
     assert got["answer"] == tok.decode(expected, skip_special_tokens=True).strip()
     assert isinstance(got["follow"], str)
+    assert got["kv_answer"] == got["answer"] and isinstance(got["x2l_answer"], str)
+    assert got["engine_module"].startswith("transformers_modules.")
 
 
 # --------------------------------------------------------------------------------------------------
