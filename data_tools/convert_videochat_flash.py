@@ -9,6 +9,15 @@ renamed (never changed), the UMT encoder keeps its 23 used blocks, the MLP proje
 connector, the ``<image>`` placeholder is added to the tokenizer as a special token, and the in-LLM
 compression fields become the visual-dropout schedule. The layouts are in
 ``shared/reference/checkpoint_layouts.md``.
+
+So that the converted checkpoint is *asked* as the original is, the output also carries the
+release's processing (``processor_config.json``): the frames of its ``chat()`` (``dynamic_fps1``,
+64..512 frames, 4 per clip), its resolution (224 or 448 by the tower), its ``image_grid_pinpoints``,
+the release's span and min/max rules, full-size decode + bicubic, several images padded to a
+square with the mean colour; and the tokenizer's chat template becomes the release's ``qwen_2``
+conversation (system "You are a helpful assistant."), whatever template the release's tokenizer
+carries. The release's tokenizer is read without remote code and without any question asked
+(its config.json names remote classes; the tokenizer itself is Qwen2's).
 """
 
 from __future__ import annotations
@@ -38,6 +47,12 @@ KEY_MAP = (
 MM_FIELDS_PREFIXES = ("mm_", "llm_compress", "llm_image_token", "image_", "frame_", "vision_", "tokenizer_", "use_pos")
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+#: the frames of the release's ``chat()`` (its ``load_video``: dynamic_fps1, at least 64 frames, at
+#: most ``max_num_frames`` = 512 by default)
+RELEASE_FRAMES = dict(frame_policy="dynamic_fps1", min_frames=64, max_frames=512)
+#: the system turn of the release's ``qwen_2`` conversation
+RELEASE_SYSTEM_PROMPT = "You are a helpful assistant."
 
 
 class ConversionError(ValueError):
@@ -103,12 +118,68 @@ def dropout_schedule(cfg: dict) -> dict:
     )
 
 
+def grid_pinpoints(cfg: dict, tile: int) -> list[list[int]] | None:
+    """The release's ``image_grid_pinpoints`` as ``[width, height]`` canvases in pixels.
+
+    LLaVA writes them either as a list of pixel pairs or as ``"(1x1),...,(6x6)"``: every
+    ``(i, j)`` from the first pair to the last (``i`` = width in tiles, outer), times the tile size."""
+    raw = cfg.get("image_grid_pinpoints")
+    if raw is None:
+        return None
+    if isinstance(raw, str):
+        pairs = re.findall(r"\((\d+)x(\d+)\)", raw)
+        if not pairs:
+            raise ConversionError(f"image_grid_pinpoints {raw!r} is neither pixel pairs nor '(AxB),...,(CxD)'")
+        (w0, h0), (w1, h1) = (tuple(map(int, p)) for p in (pairs[0], pairs[-1]))
+        return [[i * tile, j * tile] for i in range(w0, w1 + 1) for j in range(h0, h1 + 1)]
+    try:
+        out = [[int(w), int(h)] for w, h in raw]
+    except (TypeError, ValueError) as err:
+        raise ConversionError(f"image_grid_pinpoints {raw!r} is not a list of [width, height] pairs") from err
+    bad = [p for p in out if p[0] % tile or p[1] % tile]
+    if bad:
+        raise ConversionError(f"image_grid_pinpoints {bad[:3]} are not multiples of the {tile}px tile")
+    return out
+
+
+def read_release_tokenizer(src: Path):
+    """The release's Qwen2 tokenizer, without remote code and without an interactive question.
+
+    Its config.json names remote classes (``auto_map``); ``AutoTokenizer`` would read it and ask
+    whether to run them. ``tokenizer.json`` defines the tokenizer completely, so it is read as it is
+    (with ``tokenizer_config.json``'s special tokens); without one, a plain Qwen2 config stands in
+    for the model's and remote code stays off."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast, Qwen2Config
+
+    try:
+        if (src / "tokenizer.json").is_file():
+            return PreTrainedTokenizerFast.from_pretrained(src)
+        return AutoTokenizer.from_pretrained(src, config=Qwen2Config(), trust_remote_code=False)
+    except (OSError, ValueError) as err:
+        raise ConversionError(f"{src}: cannot read the tokenizer without remote code: {err}") from err
+
+
+def write_release_processor(out: Path, tokenizer, config, cfg: dict) -> None:
+    """``processor_config.json`` with the release's processing (see the module doc)."""
+    from videoflash.model.processing_videoflash import VideoFlashProcessor
+
+    aspect = str(cfg.get("image_aspect_ratio", "anyres_nopad"))
+    processor = VideoFlashProcessor.from_model_config(
+        tokenizer, config, **RELEASE_FRAMES,
+        image_mode="anyres" if aspect.startswith("anyres") else "square",
+        grid_pinpoints=grid_pinpoints(cfg, config.image_size),
+        frame_rules="videochat_flash", resize="exact", multi_image="pad",
+        system_prompt=RELEASE_SYSTEM_PROMPT,
+    )
+    processor.save_pretrained(out)
+
+
 def convert(src: str | Path, out: str | Path, dtype: str = "keep", max_shard_size: str = "5GB") -> Path:
     """Convert ``src`` into ``out``; returns ``out``. Raises ConversionError naming what is wrong."""
     from huggingface_hub import save_torch_state_dict
-    from transformers import AutoTokenizer
 
     from videoflash.model.configuration_videoflash import VideoFlashConfig
+    from videoflash.model.processing_videoflash import CHATML_TEMPLATE
 
     src, out = Path(src), Path(out)
     cfg_path = src / "config.json"
@@ -152,7 +223,8 @@ def convert(src: str | Path, out: str | Path, dtype: str = "keep", max_shard_siz
         text.pop(k, None)
     text["model_type"] = "qwen2"
 
-    tokenizer = AutoTokenizer.from_pretrained(src)
+    tokenizer = read_release_tokenizer(src)
+    tokenizer.chat_template = CHATML_TEMPLATE  # the release's qwen_2 conversation
     if "<image>" not in tokenizer.get_vocab():
         tokenizer.add_tokens(["<image>"], special_tokens=True)
     image_token_id = tokenizer.convert_tokens_to_ids("<image>")
@@ -165,11 +237,15 @@ def convert(src: str | Path, out: str | Path, dtype: str = "keep", max_shard_siz
                 renamed[key] = torch.cat([w, w.float().mean(0, keepdim=True).to(w.dtype)], 0)
         text["vocab_size"] = image_token_id + 1
 
+    pinpoints = grid_pinpoints(cfg, vision["image_size"])
+    # the largest grid side, which training's image tiling uses (the processor uses the pinpoints)
+    max_grid = max(max(w, h) for w, h in pinpoints) // vision["image_size"] if pinpoints else 6
     config = VideoFlashConfig(
         vision_config=vision,
         text_config=text,
         tokens_per_clip=64,
         tokens_per_image=64,
+        max_grid=max_grid,
         image_token_id=image_token_id,
         **dropout_schedule(cfg),
     )
@@ -183,6 +259,7 @@ def convert(src: str | Path, out: str | Path, dtype: str = "keep", max_shard_siz
     save_torch_state_dict(renamed, out, max_shard_size=max_shard_size)
     config.save_pretrained(out)
     tokenizer.save_pretrained(out)
+    write_release_processor(out, tokenizer, config, cfg)
     gen = src / "generation_config.json"
     if gen.exists():
         shutil.copy(gen, out / "generation_config.json")

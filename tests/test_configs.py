@@ -33,7 +33,7 @@ def cli(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
 
 # -- composition ---------------------------------------------------------------------------------
 def test_every_group_has_the_options_the_issue_lists():
-    assert set(options("stage")) == {"stage1", "stage2", "stage3", "stage4"}
+    assert set(options("stage")) == {"stage1", "stage2", "stage3", "stage4", "finetune"}
     assert {"tiny", "umtl_qwen25_1p5b_448", "umtl_qwen2_7b_224"} <= set(options("model"))
     assert {"synthetic", "mix_template"} <= set(options("data"))
     assert {"zero3", "zero3_offload", "zero1"} <= set(options("deepspeed"))

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -152,3 +155,69 @@ def test_conversion_errors_name_the_problem(tmp_path):
         convert(src, tmp_path / "out")
     with pytest.raises(ConversionError, match="no config.json"):
         convert(tmp_path / "nothing", tmp_path / "out2")
+
+
+#: a Qwen2.5-style template whose default system turn is not the release's
+QWEN25_LIKE_TEMPLATE = (
+    "{% if messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\\n' }}"
+    "{% endif %}"
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def test_converted_release_is_asked_and_sampled_as_the_release(tmp_path):
+    from tests.inference_helpers import write_mp4
+    from videoflash.model.processing_videoflash import VideoFlashProcessor
+
+    original, tok = _released_like_model()
+    tok.chat_template = QWEN25_LIKE_TEMPLATE
+    src, out = tmp_path / "release", tmp_path / "converted"
+    release_cfg = {
+        "llm_compress_layer_list": [], "image_aspect_ratio": "anyres_nopad", "image_grid_pinpoints": "(1x1),...,(2x3)",
+        "auto_map": {"AutoConfig": "modeling_videochat_flash.VideoChatFlashQwenConfig",
+                     "AutoModel": "modeling_videochat_flash.VideoChatFlashQwenForCausalLM"},
+    }
+    _write_videochat_flash_checkpoint(original, tok, src, release_cfg)
+    # the release's tokenizer_config names no class of its own: AutoTokenizer would read config.json,
+    # find remote code there and ask on the terminal; the conversion must not
+    tc = json.loads((src / "tokenizer_config.json").read_text())
+    tc.pop("tokenizer_class", None)
+    (src / "tokenizer_config.json").write_text(json.dumps(tc))
+    res = subprocess.run([sys.executable, "-m", "data_tools.convert_videochat_flash", str(src), str(out)],
+                         stdin=subprocess.PIPE, capture_output=True, text=True, timeout=120,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "[y/N]" not in res.stdout + res.stderr and "custom code" not in res.stdout + res.stderr
+
+    config = VideoFlashConfig.from_pretrained(out)
+    proc = VideoFlashProcessor.from_directory(out, config=config)
+    assert (proc.frame_policy, proc.min_frames, proc.max_frames, proc.image_size) == ("dynamic_fps1", 64, 512, 224)
+    assert (proc.frame_rules, proc.resize, proc.multi_image, proc.image_mode) == ("videochat_flash", "exact", "pad", "anyres")
+    # "(1x1),...,(2x3)": (i, j) for i (width) in 1..2, j (height) in 1..3, times the 224 px tile
+    assert proc.grid_pinpoints == [[224, 224], [224, 448], [224, 672], [448, 224], [448, 448], [448, 672]]
+    assert config.max_grid == 3  # training's tiling goes up to the largest side
+    # the release's qwen_2 conversation (CHATML separator style), written out by hand
+    video = write_mp4(tmp_path / "v.mp4", 80, fps=4, width=64, height=64)  # 20 s
+    frames, meta = proc.load_video(str(video))
+    assert frames.shape[0] == 64  # 20 s -> 20 frames by the rule, raised to the release's 64
+    text = proc.render(proc.build_messages("what colour is the ball ?", time_msg=meta.time_message))
+    time_msg = "The video lasts for 20.00 seconds, and 64 frames are uniformly sampled from it."
+    system = "<|im_start|>system\nYou are a helpful assistant."
+    expected = (system + "<|im_end|>" + "\n" + "<|im_start|>user" + "\n" + "<image>\n" + time_msg + " "
+                + "what colour is the ball ?" + "<|im_end|>" + "\n" + "<|im_start|>assistant" + "\n")
+    assert text == expected
+
+
+def test_exporting_a_converted_release_keeps_its_processing(tmp_path):
+    from videoflash.inference.export import export
+
+    original, tok = _released_like_model()
+    src, out = tmp_path / "release", tmp_path / "converted"
+    _write_videochat_flash_checkpoint(original, tok, src, {"llm_compress_layer_list": []})
+    convert(src, out)
+    export(out, tmp_path / "hub", full_load_check=False, log=lambda *a: None)
+    proc = json.loads((tmp_path / "hub" / "processor_config.json").read_text())
+    assert (proc["frame_rules"], proc["resize"], proc["multi_image"]) == ("videochat_flash", "exact", "pad")
+    assert (proc["min_frames"], proc["max_frames"], proc["system_prompt"]) == (64, 512, "You are a helpful assistant.")

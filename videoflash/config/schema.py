@@ -20,6 +20,10 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
 TRAINABLE_PARTS = ("vision_tower", "connector", "language_model")
+#: module groups a LoRA adapter may target (videoflash.train.adapters maps them to module names)
+ADAPTER_TARGETS = ("llm_attention", "llm_mlp", "connector", "vision_tower")
+#: the fine-tuning stage (``stage=finetune``): after the four of the curriculum, from any export
+FINETUNE_STAGE_ID = 5
 
 
 # --------------------------------------------------------------------------------------------------
@@ -143,8 +147,27 @@ class FramesSchema:
 
 
 @dataclass
+class AdapterSchema:
+    """Low-rank adapters (peft LoRA) trained instead of the weights they adapt.
+
+    ``kind``: ``none`` (the parts of ``stage.trainable`` train in full), ``lora``, or ``qlora`` (the
+    LLM's linear layers held in 4 bits by bitsandbytes, CUDA only). ``targets`` picks the module
+    groups of :data:`ADAPTER_TARGETS`; a group's part must not also be in ``stage.trainable``.
+    ``export``: ``merge`` folds the adapters into the exported weights (a plain checkpoint);
+    ``adapter`` exports the base weights and ships the adapter beside them (``adapter/``, peft's
+    format)."""
+
+    kind: str = "none"  # none | lora | qlora
+    rank: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.05
+    targets: List[str] = field(default_factory=lambda: ["llm_attention", "llm_mlp"])
+    export: str = "merge"  # merge | adapter
+
+
+@dataclass
 class StageSchema:
-    id: int = MISSING  # 1..4; typed on the command line as ``stage=3``
+    id: int = MISSING  # 1..4, 5 = finetune; typed on the command line as ``stage=3`` / ``stage=finetune``
     name: str = MISSING
     trainable: List[str] = field(default_factory=list)  # subset of TRAINABLE_PARTS
     lr: float = MISSING  # connector and LLM
@@ -168,6 +191,7 @@ class StageSchema:
     # Where the weights come from: null = the previous stage's export in this run root (stage 1:
     # "parts", i.e. the LLM + UMT weights + a new connector); "parts"; or an HF directory.
     init: Optional[str] = None
+    adapter: AdapterSchema = field(default_factory=AdapterSchema)
 
 
 # --------------------------------------------------------------------------------------------------

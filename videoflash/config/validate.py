@@ -15,7 +15,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from .schema import TRAINABLE_PARTS, VideoFlashSchema
+from .schema import ADAPTER_TARGETS, FINETUNE_STAGE_ID, TRAINABLE_PARTS, VideoFlashSchema
 
 
 class ConfigError(ValueError):
@@ -47,15 +47,42 @@ def resolve(cfg: DictConfig) -> VideoFlashSchema:
         raise ConfigError(key, str(err).splitlines()[0]) from err
 
 
+def _adapter(s) -> None:
+    """The adapter settings, and what trains besides them."""
+    a = s.adapter
+    _choice("stage.adapter.kind", a.kind, ("none", "lora", "qlora"))
+    _choice("stage.adapter.export", a.export, ("merge", "adapter"))
+    if a.kind == "none":
+        if not s.trainable:
+            raise ConfigError("stage.trainable", "no part trains; list some of " + ", ".join(TRAINABLE_PARTS))
+        return
+    if not a.targets:
+        raise ConfigError("stage.adapter.targets", "no module group; list some of " + ", ".join(ADAPTER_TARGETS))
+    for target in a.targets:
+        _choice("stage.adapter.targets", target, ADAPTER_TARGETS)
+    _positive("stage.adapter.rank", a.rank)
+    _positive("stage.adapter.alpha", a.alpha)
+    if not 0.0 <= a.dropout < 1.0:
+        raise ConfigError("stage.adapter.dropout", f"must be in [0, 1), got {a.dropout}")
+    parts = {"llm_attention": "language_model", "llm_mlp": "language_model"}
+    for target in a.targets:
+        part = parts.get(target, target)
+        if part in s.trainable:
+            raise ConfigError("stage.adapter.targets", f"{target} adapts {part}, which stage.trainable trains in full")
+    if a.kind == "qlora" and "language_model" in s.trainable:
+        raise ConfigError("stage.trainable", "QLoRA holds the LLM in 4 bits: it cannot train in full")
+
+
 def validate(cfg: DictConfig) -> VideoFlashSchema:
     """Validate a composed config; returns it resolved and typed, or raises :class:`ConfigError`."""
     c = resolve(cfg)
     s, m, d = c.stage, c.model, c.data
 
     # -- stage --------------------------------------------------------------------------------
-    _choice("stage.id", s.id, (1, 2, 3, 4))
-    if not s.trainable:
-        raise ConfigError("stage.trainable", "no part trains; list some of " + ", ".join(TRAINABLE_PARTS))
+    _choice("stage.id", s.id, (1, 2, 3, 4, FINETUNE_STAGE_ID))
+    if s.id == FINETUNE_STAGE_ID and s.init in (None, "parts"):
+        raise ConfigError("stage.init", "fine-tuning starts from an HF directory: a converted release or a stage export")
+    _adapter(s)
     for part in s.trainable:
         _choice("stage.trainable", part, TRAINABLE_PARTS)
     if len(set(s.trainable)) != len(s.trainable):

@@ -210,13 +210,30 @@ def _version() -> str:
         return "?"
 
 
-def _policy(info: RunInfo, overrides: dict[str, Any]) -> tuple[dict[str, Any], str]:
+#: processor fields a checkpoint's own processor_config.json carries into its export (a converted
+#: release's rules, docs/model.md), under the stage's recorded frame policy and the overrides
+CARRIED_PROCESSOR_FIELDS = ("frame_policy", "min_frames", "max_frames", "image_mode", "frame_rules", "resize",
+                            "multi_image", "grid_pinpoints", "system_prompt", "add_time_message")
+
+
+def _carried_processor(checkpoint: Path) -> dict[str, Any]:
+    path = checkpoint / "processor_config.json"
+    if not path.is_file():
+        return {}
+    fields = json.loads(path.read_text())
+    return {k: fields[k] for k in CARRIED_PROCESSOR_FIELDS if k in fields}
+
+
+def _policy(info: RunInfo, overrides: dict[str, Any], carried: dict[str, Any] | None = None) -> tuple[dict[str, Any], str]:
     recorded = info.frame_policy()
     policy = dict(DEFAULT_POLICY)
+    policy.update(carried or {})
     policy.update(recorded)
     policy.update({k: v for k, v in overrides.items() if v is not None})
     if recorded:
         origin = f"stage {info.source.stage_id}'s config.yaml"
+    elif carried:
+        origin = "the checkpoint's processor_config.json"
     else:
         origin = "videoflash's defaults: the source does not record the stage's frame policy"
         info.missing.append("the stage's frame policy is not recorded; the processor uses "
@@ -299,7 +316,8 @@ def export(
             model.config.set_visual_dropout(*schedule, inference=True)
 
     policy, policy_origin = _policy(info, dict(frame_policy=frame_policy, min_frames=min_frames,
-                                               max_frames=max_frames, image_mode=image_mode))
+                                               max_frames=max_frames, image_mode=image_mode),
+                                    _carried_processor(src.checkpoint))
     processor = VideoFlashProcessor.from_model_config(tokenizer, model.config, **policy)
     log(f"frame policy ({policy_origin}): {processor.frame_policy} {processor.min_frames}..{processor.max_frames} "
         f"frames at {processor.image_size}px")
@@ -325,6 +343,10 @@ def export(
     processor.save_pretrained(tmp)
     for path in sorted(pkg.glob("*.py")):
         shutil.copy2(path, tmp / path.name)
+    if (src.checkpoint / "adapter" / "adapter_config.json").is_file():  # stage.adapter.export=adapter
+        shutil.copytree(src.checkpoint / "adapter", tmp / "adapter")
+        log("the source ships a LoRA adapter beside its base weights: copied to adapter/ "
+            "(load it with peft.PeftModel.from_pretrained(model, '<export>/adapter'))")
 
     shards = sorted(p.name for p in tmp.glob("*.safetensors"))
     files = {

@@ -157,7 +157,7 @@ def render_card(info: RunInfo, *, name: str, config, processor, num_params: int,
         add("| field | value |\n|---|---|")
         for key in ("name", "trainable", "lr", "vision_lr", "connector_lr", "weight_decay", "lr_schedule",
                     "warmup_ratio", "min_lr_ratio", "global_batch_size", "micro_batch_size", "epochs", "max_steps",
-                    "frames", "max_tokens", "image_size", "image_mode", "prompt_format", "init"):
+                    "frames", "max_tokens", "image_size", "image_mode", "prompt_format", "init", "adapter"):
             if key in stage_cfg:
                 add(f"| {key} | {_fmt(stage_cfg[key])} |")
         ds = (info.stage_config or {}).get("deepspeed") or {}

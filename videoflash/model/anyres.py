@@ -29,11 +29,13 @@ __all__ = ["select_best_grid", "tile_image", "resize_square", "resize_frames"]
 _RESIZE_CHUNK = 16
 
 
-def select_best_grid(height: int, width: int, tile: int, max_grid: int = 6) -> tuple[int, int]:
+def select_best_grid(height: int, width: int, tile: int, max_grid: int = 6,
+                     candidates: list[tuple[int, int]] | None = None) -> tuple[int, int]:
     """The ``(grid_h, grid_w)`` of tiles for an image of ``height x width`` pixels.
 
     Candidate canvases are ``(gw*tile) x (gh*tile)`` for ``gw, gh`` in ``1..max_grid``, enumerated
-    with ``gw`` in the outer loop and ``gh`` in the inner one. For each, the image is scaled by
+    with ``gw`` in the outer loop and ``gh`` in the inner one, or the ``(gh, gw)`` grids of
+    ``candidates`` in their order (a release's ``image_grid_pinpoints``). For each, the image is scaled by
     ``min(canvas_w / width, canvas_h / height)``; ``effective = min(int(width*s) * int(height*s),
     width*height)`` and ``waste = canvas area - effective``. The canvas with the largest effective
     resolution wins; ties go to the smallest waste, then to the first enumerated.
@@ -44,16 +46,20 @@ def select_best_grid(height: int, width: int, tile: int, max_grid: int = 6) -> t
         raise ValueError(f"tile ({tile}) and max_grid ({max_grid}) must be >= 1")
     best: tuple[int, int] | None = None
     best_effective, best_waste = -1, None
-    for gw in range(1, max_grid + 1):
-        for gh in range(1, max_grid + 1):
-            canvas_w, canvas_h = gw * tile, gh * tile
-            scale = min(canvas_w / width, canvas_h / height)
-            down_w, down_h = int(width * scale), int(height * scale)
-            effective = min(down_w * down_h, width * height)
-            waste = canvas_w * canvas_h - effective
-            if effective > best_effective or (effective == best_effective and waste < best_waste):
-                best, best_effective, best_waste = (gh, gw), effective, waste
-    assert best is not None
+    if candidates is None:
+        candidates = [(gh, gw) for gw in range(1, max_grid + 1) for gh in range(1, max_grid + 1)]
+    for gh, gw in candidates:
+        if gh < 1 or gw < 1:
+            raise ValueError(f"a candidate grid must be at least (1, 1), got {(gh, gw)}")
+        canvas_w, canvas_h = gw * tile, gh * tile
+        scale = min(canvas_w / width, canvas_h / height)
+        down_w, down_h = int(width * scale), int(height * scale)
+        effective = min(down_w * down_h, width * height)
+        waste = canvas_w * canvas_h - effective
+        if effective > best_effective or (effective == best_effective and waste < best_waste):
+            best, best_effective, best_waste = (gh, gw), effective, waste
+    if best is None:
+        raise ValueError("no candidate grid")
     return best
 
 

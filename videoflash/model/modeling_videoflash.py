@@ -390,22 +390,23 @@ class VideoFlashForConditionalGeneration(VideoFlashPreTrainedModel, GenerationMi
 
     def _query_tokens(self, labels, mask2d, query_positions):
         """Query tokens of text-guided dropout: given positions, else (training) the token before each
-        supervised answer span, else the last real token. Returns ``[B, Q]`` indices and validity."""
+        supervised answer span, else the last real token. Returns ``[B, Q]`` indices and validity; with
+        labels, a sample without an answer span has no valid query, and text-guided drops skip that
+        sample only (VideoChat-Flash's rule), the others keep their own queries."""
         bsz, length = mask2d.shape
         device = mask2d.device
         if query_positions is not None:
             return query_positions[:, None].long(), torch.ones(bsz, 1, dtype=torch.bool, device=device)
         if labels is not None:
             starts = (labels[:, :-1] == IGNORE_INDEX) & (labels[:, 1:] != IGNORE_INDEX)
-            if starts.any(dim=1).all():
-                q = starts.sum(1).max().item()
-                idx = torch.zeros(bsz, q, dtype=torch.long, device=device)
-                valid = torch.zeros(bsz, q, dtype=torch.bool, device=device)
-                for b in range(bsz):
-                    pos = starts[b].nonzero()[:, 0]
-                    idx[b, : pos.numel()] = pos
-                    valid[b, : pos.numel()] = True
-                return idx, valid
+            q = max(1, int(starts.sum(1).max().item()))
+            idx = torch.zeros(bsz, q, dtype=torch.long, device=device)
+            valid = torch.zeros(bsz, q, dtype=torch.bool, device=device)
+            for b in range(bsz):
+                pos = starts[b].nonzero()[:, 0]
+                idx[b, : pos.numel()] = pos
+                valid[b, : pos.numel()] = True
+            return idx, valid
         positions = torch.arange(length, device=device)[None].expand(bsz, -1)
         last = torch.where(mask2d.bool(), positions, -1).max(1).values.clamp(min=0)
         return last[:, None], torch.ones(bsz, 1, dtype=torch.bool, device=device)
@@ -424,7 +425,9 @@ class VideoFlashForConditionalGeneration(VideoFlashPreTrainedModel, GenerationMi
         for b in range(bsz):
             s, n = int(starts[b]), int(counts[b])
             k = min(keep_count(int(originals[b]), ratio), n)
-            if kind == "text":
+            if kind == "text" and not bool(q_valid[b].any()):
+                k, sel = n, torch.arange(n, device=device)  # no answer span to guide it: no drop
+            elif kind == "text":
                 sel = topk_keep(scores[b, s : s + n], k)
             else:
                 sel = uniform_keep(n, k, device)

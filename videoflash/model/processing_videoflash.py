@@ -18,6 +18,22 @@ with, so that an exported checkpoint samples, sizes and prompts exactly as train
   ``video_frame_counts`` -- or, for images, ``pixel_values_images``, ``image_tile_counts``,
   ``image_grids`` (docs/contracts.md §1).
 
+**Reference rules** (the converter turns them on for a released VideoChat-Flash checkpoint, so it
+sees what the original ``chat()`` shows it; docs/model.md lists which are defaults):
+
+- ``frame_rules="videochat_flash"``: the release's ``read_frames_decord``: ``min_frames`` wins over a
+  smaller ``max_frames``; a ``start``/``end`` span keeps ``start = max(0, start)``, clamps ``end`` to
+  ``duration - 0.1``, takes ``duration = end - start``, ``int(duration * fps)`` frames from
+  ``int(start * fps)`` on (videoflash's own rule rounds both ends and lowers the min to the max);
+- ``resize="exact"``: decode at the file's full size, then the bicubic resize of :mod:`anyres` (the
+  release resizes full frames); ``"decode"`` lets decord scale while it decodes (faster; what
+  training uses: docs/model.md gives the measured difference);
+- ``multi_image="pad"``: several images are each padded to a square with the mean colour
+  (``int(255 * image_mean)``, the image centred), then resized, as LLaVA's ``expand2square``;
+  ``"squash"`` resizes them as they are;
+- ``grid_pinpoints``: the release's ``image_grid_pinpoints`` (``[width, height]`` canvases in
+  pixels, each a multiple of the tile) replace the ``1..max_grid`` square of candidate grids.
+
 Long videos need not be decoded at once: :meth:`VideoFlashProcessor.open_video` +
 :meth:`VideoFlashProcessor.iter_video_batches` yield the sampled frames in bounded batches, which
 ``VideoFlashForConditionalGeneration.encode_video_chunked`` turns into visual tokens batch by batch.
@@ -40,18 +56,24 @@ from transformers import BatchFeature
 from transformers.processing_utils import ProcessorMixin
 
 from .anyres import resize_frames, resize_square, select_best_grid, tile_image
-from .frame_sampling import frame_indices, parse_policy
+from .frame_sampling import frame_count, frame_indices, middle_indices, parse_policy
 
 __all__ = [
     "VideoFlashProcessor",
     "VideoSource",
     "VideoMeta",
     "time_message",
+    "reference_span",
+    "expand_to_square",
     "CHATML_TEMPLATE",
     "IMAGE_TOKEN",
 ]
 
 IMAGE_TOKEN = "<image>"
+_EXACT_CHUNK = 16  # full-size frames decoded per call on the exact path
+FRAME_RULES = ("videoflash", "videochat_flash")
+RESIZES = ("decode", "exact")
+MULTI_IMAGE = ("squash", "pad")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -70,6 +92,36 @@ CHATML_TEMPLATE = (
 def time_message(duration: float, num_frames: int) -> str:
     """VideoChat-Flash's ``time_msg="short"`` sentence (without the surrounding whitespace)."""
     return f"The video lasts for {float(duration):.2f} seconds, and {int(num_frames)} frames are uniformly sampled from it."
+
+
+def reference_span(num_frames: int, fps: float, start: float | None, end: float | None) -> tuple[int, int, float]:
+    """VideoChat-Flash's clip rule -> ``(first frame, frame count, duration in seconds)``.
+
+    ``start = max(0, start)``, ``end = min(duration - 0.1, end)`` (a missing one is 0 / the video's
+    duration), ``duration = end - start``, ``int(duration * fps)`` frames from ``int(start * fps)``."""
+    if not fps or not fps > 0:
+        raise ValueError(f"a start/end span needs a positive fps, got {fps!r}")
+    total = num_frames / float(fps)
+    lo = max(0.0, float(start) if start is not None else 0.0)
+    hi = min(total - 0.1, float(end) if end is not None else total)
+    duration = hi - lo
+    vlen = int(duration * fps)
+    if vlen < 1:
+        raise ValueError(f"empty span: start={start} end={end} of a {total:.2f} s video")
+    return int(lo * fps), vlen, duration
+
+
+def expand_to_square(image: torch.Tensor, fill) -> torch.Tensor:
+    """Pad a uint8 ``[H, W, 3]`` image to a square of side ``max(H, W)`` with the colour ``fill``,
+    the image centred (offset ``(side - short) // 2``), as LLaVA's ``expand2square``."""
+    h, w = int(image.shape[0]), int(image.shape[1])
+    if h == w:
+        return image
+    side = max(h, w)
+    out = torch.tensor(list(fill), dtype=torch.uint8).expand(side, side, 3).clone()
+    top, left = (side - h) // 2, (side - w) // 2
+    out[top: top + h, left: left + w] = image
+    return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -111,10 +163,12 @@ class VideoSource:
     scales every decoded frame to the target size in its own filter graph. Some output widths make
     decord 3.4 fail (e.g. 32, 48, 96, 144 px); the source then decodes at the next multiple of 64 and
     resizes the frames it keeps with the bicubic resize of :mod:`anyres` (the data room does the same).
+    ``exact=True`` decodes at the file's own size and resizes with that bicubic (the release's path).
     """
 
-    def __init__(self, video, size: int, fps: float | None = None, num_threads: int = 1):
+    def __init__(self, video, size: int, fps: float | None = None, num_threads: int = 1, exact: bool = False):
         self.size = int(size)
+        self.exact = bool(exact)
         self._frames = None
         self._reader = None
         self._data = None
@@ -142,21 +196,23 @@ class VideoSource:
             self.name = path
         else:
             raise TypeError(f"a video is a path, bytes or uint8 frames [N, H, W, 3]; got {type(video).__name__}")
-        self._decode_width = self.size
+        self._decode_width = None if self.exact else self.size
         self._open(self._decode_width)
         self.num_frames = len(self._reader)
         self.fps = float(fps) if fps else float(self._reader.get_avg_fps())
         if self.num_frames < 1 or not self.fps > 0:
             raise ValueError(f"{self.name}: decord reports {self.num_frames} frames at {self.fps} fps")
 
-    def _open(self, width: int) -> None:
+    def _open(self, width: int | None) -> None:
+        """Open the reader scaling to ``width x size`` while decoding, or at full size (``None``)."""
         decord = _decord()
         src = io.BytesIO(self._data) if isinstance(self._data, bytes) else self._data
+        size = {} if width is None else {"width": int(width), "height": self.size}
         try:
-            self._reader = decord.VideoReader(src, width=int(width), height=self.size, num_threads=self._num_threads)
+            self._reader = decord.VideoReader(src, num_threads=self._num_threads, **size)
         except Exception as exn:  # decord raises DECORDError / RuntimeError
             raise ValueError(f"cannot open the video {getattr(self, 'name', '')}: {str(exn).splitlines()[0][:200]}") from exn
-        self._decode_width = int(width)
+        self._decode_width = None if width is None else int(width)
 
     @property
     def duration(self) -> float:
@@ -165,7 +221,10 @@ class VideoSource:
     def _read(self, uniq: list[int]) -> torch.Tensor:
         try:
             arr = self._reader.get_batch(uniq).asnumpy()
-            ok = arr.shape == (len(uniq), self.size, self._decode_width, 3)
+            if self._decode_width is None:
+                ok = arr.ndim == 4 and arr.shape[0] == len(uniq) and arr.shape[-1] == 3
+            else:
+                ok = arr.shape == (len(uniq), self.size, self._decode_width, 3)
         except Exception as exn:  # noqa: BLE001 - decord's errors have no common base class
             err, ok = exn, False
         else:
@@ -178,7 +237,7 @@ class VideoSource:
         if ok:
             return torch.from_numpy(np.ascontiguousarray(arr))
         fallback = (self.size // 64 + 1) * 64
-        if self._decode_width == fallback:
+        if self._decode_width is None or self._decode_width == fallback:
             raise ValueError(f"cannot decode frames of {self.name}: {err}")
         self._open(fallback)  # a width decord handles; the frames are resized to the square below
         return self._read(uniq)
@@ -193,9 +252,16 @@ class VideoSource:
         if self._frames is not None:
             return resize_square(self._frames[indices], self.size).contiguous()
         uniq = sorted(set(indices))
-        got = self._read(uniq)
-        if got.shape[1] != self.size or got.shape[2] != self.size:
-            got = resize_frames(got, self.size, self.size)
+        # full-size frames (exact) are resized a few at a time, so that 512 frames of 1080p never
+        # exist decoded at once
+        step = _EXACT_CHUNK if self._decode_width is None else len(uniq)
+        parts = []
+        for lo in range(0, len(uniq), step):
+            got = self._read(uniq[lo : lo + step])
+            if got.shape[1] != self.size or got.shape[2] != self.size:
+                got = resize_frames(got, self.size, self.size)
+            parts.append(got)
+        got = torch.cat(parts) if len(parts) > 1 else parts[0]
         pos = {f: k for k, f in enumerate(uniq)}
         return got[[pos[i] for i in indices]].contiguous()
 
@@ -228,6 +294,11 @@ class VideoFlashProcessor(ProcessorMixin):
         add_time_message: put the duration/frame-count sentence after the placeholder (as training).
         system_prompt: a system turn to prepend (default: none, i.e. the template's default).
         decode_threads: decord threads per video.
+        frame_rules: ``"videoflash"`` or ``"videochat_flash"`` (the release's span and min/max rules).
+        resize: ``"decode"`` (decord scales while decoding) or ``"exact"`` (full-size decode + bicubic).
+        multi_image: ``"squash"`` or ``"pad"`` (several images padded to a square with the mean colour).
+        grid_pinpoints: ``[[width, height], ...]`` canvases in pixels for ``anyres`` (None: the
+            ``1..max_grid`` square of grids).
     """
 
     def __init__(
@@ -249,6 +320,10 @@ class VideoFlashProcessor(ProcessorMixin):
         add_time_message: bool = True,
         system_prompt: str | None = None,
         decode_threads: int = 1,
+        frame_rules: str = "videoflash",
+        resize: str = "decode",
+        multi_image: str = "squash",
+        grid_pinpoints=None,
         **kwargs,
     ):
         if tokenizer is None:
@@ -274,6 +349,19 @@ class VideoFlashProcessor(ProcessorMixin):
         self.add_time_message = bool(add_time_message)
         self.system_prompt = system_prompt
         self.decode_threads = int(decode_threads)
+        for name, value, choices in (("frame_rules", frame_rules, FRAME_RULES), ("resize", resize, RESIZES),
+                                     ("multi_image", multi_image, MULTI_IMAGE)):
+            if value not in choices:
+                raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+        self.frame_rules, self.resize, self.multi_image = frame_rules, resize, multi_image
+        self.grid_pinpoints = None if grid_pinpoints is None else [[int(w), int(h)] for w, h in grid_pinpoints]
+        self._grids = None
+        if self.grid_pinpoints is not None:
+            bad = [wh for wh in self.grid_pinpoints if wh[0] % self.image_size or wh[1] % self.image_size or min(wh) < 1]
+            if bad or not self.grid_pinpoints:
+                raise ValueError(f"grid_pinpoints must be [width, height] multiples of the {self.image_size}px tile, "
+                                 f"got {bad or self.grid_pinpoints}")
+            self._grids = [(h // self.image_size, w // self.image_size) for w, h in self.grid_pinpoints]
         vocab = tokenizer.get_vocab()
         if self.image_token not in vocab:
             raise ValueError(f"the tokenizer has no {self.image_token!r} token; add it as a special token first")
@@ -323,18 +411,27 @@ class VideoFlashProcessor(ProcessorMixin):
         """A :class:`VideoSource` at this processor's frame size."""
         if isinstance(video, VideoSource):
             return video
-        return VideoSource(video, self.image_size, fps=fps, num_threads=self.decode_threads)
+        return VideoSource(video, self.image_size, fps=fps, num_threads=self.decode_threads,
+                           exact=self.resize == "exact")
 
     def sample(self, source: VideoSource, max_frames: int | None = None, min_frames: int | None = None,
                start: float | None = None, end: float | None = None, frame_policy: str | None = None) -> VideoMeta:
         """Pick the frames of ``source`` by the frame policy; returns the indices and the time message.
 
         ``max_frames`` / ``min_frames`` override the processor's bounds (as ``max_num_frames`` of
-        VideoChat-Flash's ``chat``); a ``min_frames`` above ``max_frames`` is lowered to it."""
+        VideoChat-Flash's ``chat``); a ``min_frames`` above ``max_frames`` is lowered to it, except
+        under ``frame_rules="videochat_flash"``, where the min wins as in the release."""
+        reference = self.frame_rules == "videochat_flash"
         hi = int(max_frames) if max_frames is not None else self.max_frames
-        lo = int(min_frames) if min_frames is not None else min(self.min_frames, hi)
-        lo = min(lo, hi)
+        lo = int(min_frames) if min_frames is not None else (self.min_frames if reference else min(self.min_frames, hi))
+        if not reference:
+            lo = min(lo, hi)
         policy = frame_policy or self.frame_policy
+        if reference and (start is not None or end is not None):
+            first, vlen, duration = reference_span(source.num_frames, source.fps, start, end)
+            n = frame_count(vlen, source.fps, policy, lo, hi, local_num_frames=self.frames_per_clip)
+            idx = [min(first + i, source.num_frames - 1) for i in middle_indices(vlen, n)]
+            return VideoMeta(idx, source.num_frames, source.fps, duration, time_message(duration, len(idx)))
         idx = frame_indices(
             source.num_frames, source.fps, policy, lo, hi, start=start, end=end,
             local_num_frames=self.frames_per_clip,
@@ -398,8 +495,11 @@ class VideoFlashProcessor(ProcessorMixin):
         size = self.image_size
         if len(arrays) == 1 and self.image_mode == "anyres":
             img = arrays[0]
-            grid = select_best_grid(int(img.shape[0]), int(img.shape[1]), size, self.max_grid)
+            grid = select_best_grid(int(img.shape[0]), int(img.shape[1]), size, self.max_grid, self._grids)
             return tile_image(img, size, grid), (int(grid[0]), int(grid[1]))
+        if self.multi_image == "pad" and len(arrays) > 1:
+            fill = [int(255 * m) for m in self.image_mean]
+            arrays = [expand_to_square(a, fill) for a in arrays]
         return torch.cat([resize_square(a[None], size) for a in arrays]), (0, 0)
 
     # -- prompts -----------------------------------------------------------------------------------

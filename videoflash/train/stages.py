@@ -4,7 +4,11 @@
   null), stage 1 from parts (the LLM + UMT weights + a new connector); ``stage.init`` may name any
   HF directory instead, or ``parts``.
 - :func:`apply_trainable`: freeze everything, then unfreeze the stage's parts
-  (``vision_tower``, ``connector``, ``language_model``; the LLM includes embeddings and head).
+  (``vision_tower``, ``connector``, ``language_model``; the LLM includes embeddings and head) and
+  every adapter tensor (``stage.adapter``, :mod:`adapters`); :func:`adapted_parts` names the parts
+  adapters sit in (gradients flow through them although their own weights stay frozen).
+- the fine-tuning stage (``stage=finetune``, id 5) starts from ``stage.init``, a converted release
+  or any export.
 - :func:`param_groups`: AdamW groups per part with the part's learning rate (encoder ``vision_lr``,
   connector ``connector_lr``, LLM ``lr``); only parameters that require grad; biases and norms
   without weight decay when it is non-zero.
@@ -22,6 +26,8 @@ from pathlib import Path
 from torch import nn
 
 from videoflash.config.schema import TRAINABLE_PARTS, StageSchema
+
+from .adapters import TARGET_PATTERNS, is_adapter_param
 
 
 @dataclass(frozen=True)
@@ -70,11 +76,22 @@ def numel(p: nn.Parameter) -> int:
     return int(getattr(p, "ds_numel", p.numel()))
 
 
+def adapted_parts(stage: StageSchema) -> list[str]:
+    """The parts holding the stage's adapters (none without adapters)."""
+    if stage.adapter.kind == "none":
+        return []
+    return sorted({TARGET_PATTERNS[t].split("\\.", 1)[0] for t in stage.adapter.targets})
+
+
 def apply_trainable(model: nn.Module, trainable: list[str]) -> dict[str, dict[str, int]]:
-    """Freeze all, unfreeze ``trainable`` parts; returns ``{part: {"total", "trainable"}}`` counts."""
+    """Freeze all, unfreeze ``trainable`` parts and every adapter tensor; returns
+    ``{part: {"total", "trainable"}}`` counts (adapter tensors counted in their part)."""
     model.requires_grad_(False)
     for part in trainable:
         getattr(model, part).requires_grad_(True)
+    for name, p in model.named_parameters():
+        if is_adapter_param(name):
+            p.requires_grad_(True)
     counts = {part: {"total": 0, "trainable": 0} for part in TRAINABLE_PARTS}
     for name, p in model.named_parameters():
         c = counts[part_of(name)]

@@ -8,8 +8,10 @@ matters under ZeRO-3:
 3. the model: stage 1 from parts -- rank 0 builds LLM + UMT + new connector on CPU and writes an
    ``init`` HF export -- then every rank loads its starting point with ``from_pretrained`` under a
    live ``HfDeepSpeedConfig``, so ``zero.Init`` partitions it while it loads;
-4. freezing, per-module AdamW groups (only parameters that train), cosine schedule with warm-up,
-   ``deepspeed.initialize``; the data loader; resume from the latest checkpoint.
+4. adapters (``stage.adapter``: peft LoRA layers injected in place, :mod:`adapters`) after the
+   load and before DeepSpeed, freezing, per-module AdamW groups (only parameters that train),
+   cosine schedule with warm-up, ``deepspeed.initialize``; the data loader; resume from the latest
+   checkpoint (adapter tensors are module parameters: checkpointed and restored with the rest).
 
 :meth:`Trainer.fit` is the step loop.
 """
@@ -39,10 +41,10 @@ if not torch.cuda.is_available():
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from videoflash.config import ConfigError  # noqa: E402
-from videoflash.config.schema import VideoFlashSchema  # noqa: E402
+from videoflash.config.schema import FINETUNE_STAGE_ID, VideoFlashSchema  # noqa: E402
 from videoflash.data.collate import BATCH_KEYS  # noqa: E402
 
-from . import distributed, ds_config, stages  # noqa: E402
+from . import adapters, distributed, ds_config, stages  # noqa: E402
 from .checkpoint import (  # noqa: E402
     CheckpointError,
     CheckpointManager,
@@ -124,6 +126,7 @@ class Trainer:
         self.reporter: Reporter | None = None
         self.engine = None
         self.resumed_from: str | None = None
+        self.lora_config = None  # peft's LoraConfig when the stage trains adapters
 
     # ------------------------------------------------------------------------------------------
     # setup
@@ -163,9 +166,13 @@ class Trainer:
         counts = stages.apply_trainable(self.model, stage.trainable)
         for part, c in counts.items():
             log.info("  %-15s %12d parameters, %12d train", part, c["total"], c["trainable"])
+        if self.lora_config is not None:
+            n = sum(stages.numel(p) for name, p in self.model.named_parameters() if adapters.is_adapter_param(name))
+            log.info("  %s adapters (rank %d, alpha %g) on %s: %d parameters", stage.adapter.kind, stage.adapter.rank,
+                     stage.adapter.alpha, ", ".join(stage.adapter.targets), n)
         if cfg.train.activation_checkpointing:
             self.model.activation_checkpointing_enable({"use_reentrant": False})
-        self.flops = FlopsModel.from_config(self.model.config, stage.trainable)
+        self.flops = FlopsModel.from_config(self.model.config, sorted({*stage.trainable, *stages.adapted_parts(stage)}))
 
         self.loader = self.build_loader()
         self.total_steps = self.count_steps()
@@ -251,16 +258,26 @@ class Trainer:
 
         path = self.parts_export() if self.init.kind == "parts" else self.init.path
         config = VideoFlashConfig.from_pretrained(path)
+        if self.cfg.stage.id == FINETUNE_STAGE_ID and config.image_size != self.cfg.stage.image_size:
+            log.warning("the starting point runs at %d px, stage.image_size is %d: fine-tuning at %d px "
+                        "(set stage.image_size=%d to keep the model's resolution)", config.image_size,
+                        self.cfg.stage.image_size, self.cfg.stage.image_size, config.image_size)
         config.vision_config["image_size"] = self.cfg.stage.image_size  # stage 4: high resolution
         for key, value in self.dropout_fields().items():
             if value is not None:
                 setattr(config, key, value)
         config.validate_visual_dropout()
+        adapter = self.cfg.stage.adapter
+        extra = {}
+        if adapter.kind == "qlora":
+            extra["quantization_config"] = adapters.quantization_config(self.device, self.dtype)
         self._hf_ds_config = HfDeepSpeedConfig(self.ds_config)  # must stay alive (weakref in transformers)
         model = VideoFlashForConditionalGeneration.from_pretrained(
-            path, config=config, dtype=self.dtype, attn_implementation=self.cfg.model.attn_implementation
+            path, config=config, dtype=self.dtype, attn_implementation=self.cfg.model.attn_implementation, **extra
         )
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        if adapter.kind != "none":  # before deepspeed.initialize, which partitions the new tensors too
+            self.lora_config = adapters.add_adapters(model, adapter, self.cfg.seed)
+        tokenizer = AutoTokenizer.from_pretrained(path, config=config)
         return model, tokenizer
 
     def build_optimizer(self):
@@ -409,7 +426,15 @@ class Trainer:
 
         info = dict(asdict(self.state), completed=True, total_steps=self.total_steps, name=self.cfg.name,
                     init=str(self.init.path) if self.init.path else "parts", trainable=list(self.cfg.stage.trainable))
-        export_hf(self.engine, self.tokenizer, self.export_dir, self.cfg.train.export_dtype, info)
+        adapter = self.cfg.stage.adapter
+        if self.lora_config is not None:
+            info["adapter"] = dict(kind=adapter.kind, rank=adapter.rank, alpha=adapter.alpha, targets=list(adapter.targets),
+                                   export=adapter.export)
+        init = self.init.path
+        export_hf(self.engine, self.tokenizer, self.export_dir, self.cfg.train.export_dtype, info,
+                  lora=self.lora_config, adapter_export=adapter.export,
+                  base_dir=init if adapter.kind == "qlora" else None,
+                  carry=[init / "processor_config.json"] if init is not None else [])
         self.reporter.event(event="export", step=self.state.step, path=str(self.export_dir))
         log.info("stage %d done: %d steps, export in %s", self.cfg.stage.id, self.state.step, self.export_dir)
 
@@ -429,7 +454,7 @@ def run(cfg: DictConfig, typed: VideoFlashSchema, argv: list[str]) -> int:
             return 0
         try:
             trainer.setup()
-        except (stages.MissingStartError, MissingDataError) as err:
+        except (stages.MissingStartError, MissingDataError, adapters.AdapterError) as err:
             log.error("%s", err)
             return EXIT_CONFIG_ERROR
         except ConfigError as err:
