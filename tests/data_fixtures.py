@@ -96,7 +96,6 @@ def write_index(out_dir: str, prefix: str, counts: list[int]) -> str:
         "num_shards": len(counts),
         "total": sum(counts),
         "shards": [{"name": shard_name(prefix, i), "num_samples": n, "bytes": 0} for i, n in enumerate(counts)],
-        "samples": [],
     }
     path = os.path.join(out_dir, index_name(prefix))
     with open(path, "w") as f:
