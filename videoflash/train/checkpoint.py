@@ -158,7 +158,8 @@ class CheckpointManager:
 
         A checkpoint written by another number of ranks is loaded from its universal conversion
         (:meth:`prepare_universal`, which the engine config must enable before
-        ``deepspeed.initialize``); the rank state then has no loader position (``None``)."""
+        ``deepspeed.initialize``); the rank state's ``loader`` is then the list of every old rank's
+        loader state, from which the loader deals the rest of the epoch to the new ranks."""
         path = Path(path)
         state = json.loads((path / "trainer_state.json").read_text())
         self._remove_leftovers()
@@ -189,8 +190,10 @@ class CheckpointManager:
         for st in optimizer.optimizer.state.values():
             if torch.is_tensor(st.get("step")):
                 st["step"] = st["step"].clone()
-        # RNG from the same rank of the old run (or its last one); the data stream restarts its epoch
-        src = path / f"rank{min(self.rank, state['world_size'] - 1):05d}.pt"
-        rank_state = torch.load(src, map_location="cpu", weights_only=False)
-        rank_state["loader"] = None
+        # RNG from the same rank of the old run (or its last one); the data position from all old ranks
+        # (each rank file is small: a loader state and RNG states)
+        old = [torch.load(path / f"rank{r:05d}.pt", map_location="cpu", weights_only=False)
+               for r in range(int(state["world_size"]))]  # fmt: skip
+        rank_state = old[min(self.rank, len(old) - 1)]
+        rank_state["loader"] = [st["loader"] for st in old]
         return rank_state

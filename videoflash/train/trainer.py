@@ -295,11 +295,11 @@ class Trainer:
         self.resumed_from = str(path)
         known = {k: v for k, v in state.items() if k in TrainerState.__dataclass_fields__}
         self.state = TrainerState(**known)
-        if rank_state["loader"] is not None:
-            self.loader.load_state_dict(rank_state["loader"])
-        else:
-            log.warning("resumed on %d ranks from a checkpoint of %d ranks: the data stream restarts its epoch",
-                        self.world, state["world_size"])
+        # this rank's own loader state, or (after a change of world size) every old rank's
+        self.loader.load_state_dict(rank_state["loader"])
+        if state["world_size"] != self.world:
+            log.info("resumed on %d ranks from a checkpoint of %d ranks: the rest of the data epoch is dealt "
+                     "to the new ranks", self.world, state["world_size"])  # fmt: skip
         set_rng_state(rank_state["rng"])
         log.info("resumed from %s at step %d of %d", path, self.state.step, self.total_steps)
 
