@@ -377,7 +377,7 @@ def _merge_counts(dst: dict, snap: dict) -> dict:
 class _Stream:
     """Stream ``g`` of ``plan.streams`` in one epoch, from position ``(window, offset)`` on."""
 
-    _OPEN_FILES = 8  # shard files kept open by one stream
+    _OPEN_FILES = 32  # shard files kept open by one stream (a window's samples come from its units' shards)
     _OFFSETS_KEPT = 256  # shards whose offsets one stream keeps in memory
 
     def __init__(self, cfg: LoaderConfig, sources, table: UnitTable, plan: Plan, tokenizer, logical: int, g: int,
@@ -472,7 +472,8 @@ class _Stream:
         return sample
 
     def raw(self):
-        """``(position after it, unit id, member)`` of every raw sample from the stream's position on."""
+        """``((window, offset) after it, (unit id, member))`` of every raw sample from the stream's
+        position on (endless: past the epoch's units come the next epoch's)."""
         w, off = self.window, self.offset
         while True:
             order = window_samples(self.table, self.plan, self.g, w, self.cfg.window_units, self.cfg.shuffle_buffer > 1)

@@ -148,20 +148,24 @@ def _blocks(size: int) -> int:
 
 def scan_offsets(f) -> np.ndarray:
     """``[num_samples, 2]`` (offset, length) of the samples of the tar open as ``f`` (seekable),
-    from its headers alone. A damaged header ends the scan there (as Python's tarfile does)."""
+    from its headers alone. A damaged header ends the scan there (as Python's tarfile does); a file
+    that is not a tar raises ``ValueError``."""
     rows: list[list[int]] = []
     key = None
-    with tarfile.open(fileobj=f, mode="r:") as tf:
-        for m in tf:
-            if not m.isfile():
-                continue
-            end = m.offset_data + _blocks(m.size)
-            k = _sample_key(m.name)
-            if k == key:
-                rows[-1][1] = end - rows[-1][0]
-            else:
-                rows.append([m.offset, end - m.offset])
-                key = k
+    try:
+        with tarfile.open(fileobj=f, mode="r:") as tf:
+            for m in tf:
+                if not m.isfile():
+                    continue
+                end = m.offset_data + _blocks(m.size)
+                k = _sample_key(m.name)
+                if k == key:
+                    rows[-1][1] = end - rows[-1][0]
+                else:
+                    rows.append([m.offset, end - m.offset])
+                    key = k
+    except tarfile.TarError as exn:  # not a tar at all (a bad first header)
+        raise ValueError(f"{getattr(f, 'name', 'tar')}: {type(exn).__name__}: {exn}") from None
     return np.asarray(rows, dtype=np.int64).reshape(-1, 2)
 
 

@@ -12,7 +12,8 @@ Terms, from the bottom up:
 - **Epoch**: epoch ``e`` takes the next ``quota_i`` units of each source's run (``e * quota_i`` up
   to ``(e + 1) * quota_i``), where ``quota_i`` is source ``i``'s share of ``samples_per_epoch``
   (``weight_i * num_samples_i`` of ``sum_j weight_j * num_samples_j``, in units), and deals them in
-  an order drawn by ``(seed, "mix", e)`` among all orders with those counts. With weights 1 and the
+  an order drawn by ``(seed, "mix", e)``: a random permutation of the epoch's slots, whose first
+  ``quota_0`` go to source 0, the next ``quota_1`` to source 1, and so on. With weights 1 and the
   default ``samples_per_epoch`` an epoch is every unit of every source once; a smaller
   ``samples_per_epoch`` walks through the data over several epochs. The epochs, one after another,
   form the **global sequence**; its unit ``t`` is slot ``t mod N`` of epoch ``t // N`` (``N`` units
@@ -34,6 +35,10 @@ Terms, from the bottom up:
   with ``base`` = the highest frontier and the new stride. Every sample of the epoch is then read
   exactly once over the whole run, whatever the old and new stream counts; the cost is the size of
   the ragged set, not the position in the epoch.
+
+Costs: the unit table is 12 bytes per unit; an epoch's deal is computed once per process and epoch
+(for 10^8 samples in units of 8: 1.25e7 units, about 150 MB and a few seconds); a window is a list
+of its samples.
 """
 
 from __future__ import annotations
@@ -71,10 +76,15 @@ class UnitTable:
         if unit_samples < 1:
             raise ValueError(f"unit_samples must be >= 1, got {unit_samples}")
         self.seed = int(seed)
-        self.units: list[np.ndarray] = []  # per source: [M_i, 3] rows of (shard, first, count)
+        self.units: list[np.ndarray] = []  # per source: int32 [M_i, 3] rows of (shard, first, count)
         for sizes in shard_sizes:
-            rows = [(u, a, min(unit_samples, int(n) - a)) for u, n in enumerate(sizes) for a in range(0, int(n), unit_samples)]
-            self.units.append(np.asarray(rows, dtype=np.int64).reshape(-1, 3))
+            n = np.asarray(sizes, dtype=np.int64).reshape(-1)
+            per_shard = -(-n // unit_samples)  # units of each shard
+            shard = np.repeat(np.arange(len(n)), per_shard)
+            ends = np.cumsum(per_shard)
+            first = (np.arange(int(ends[-1]) if len(n) else 0) - np.repeat(ends - per_shard, per_shard)) * unit_samples
+            count = np.minimum(unit_samples, n[shard] - first)
+            self.units.append(np.stack([shard, first, count], axis=1).astype(np.int32))
         sizes = num_samples if num_samples is not None else [sum(int(n) for n in s) for s in shard_sizes]
         mix = sum(float(w) * n for w, n in zip(weights, sizes))
         if mix <= 0:
@@ -112,11 +122,14 @@ class UnitTable:
         if e not in self._epochs:
             if len(self._epochs) >= self._CACHE:
                 self._epochs.pop(next(iter(self._epochs)))
-            src = _rng(self.seed, "mix", e).permutation(np.repeat(np.arange(len(self.quota)), self.quota))
-            row = np.empty(len(src), np.int64)
+            slots = _rng(self.seed, "mix", e).permutation(self.epoch_units)  # source 0 gets the first quota_0 ...
+            src = np.empty(self.epoch_units, np.int32)
+            row = np.empty(self.epoch_units, np.int32)
+            start = 0
             for i, k in enumerate(self.quota):
-                if k:
-                    row[src == i] = self._run(i, e * k, k)
+                src[slots[start : start + k]] = i
+                row[slots[start : start + k]] = self._run(i, e * k, k)
+                start += k
             self._epochs[e] = (src, row)
         return self._epochs[e]
 
