@@ -316,7 +316,7 @@ def _done_path(job: ShardJob, i: int) -> str:
 
 def _planned(job: ShardJob, source: str):
     """The plan of a set: ``([(i, items, plan hash, done record or None)], rejects of planning)``; a
-    shard's done record counts only if its tar and offsets exist and its plan is unchanged."""
+    shard's done record counts only if its tar exists and its plan is unchanged."""
     if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", job.prefix):
         raise ValueError(f"prefix {job.prefix!r}: use letters, digits, '_', '-', '.'")
     shards, rejects = _plan(job, source)
@@ -325,7 +325,7 @@ def _planned(job: ShardJob, source: str):
         h = _plan_hash(items, job)
         done = None
         tar = os.path.join(job.out_dir, shard_name(job.prefix, i))
-        if os.path.exists(_done_path(job, i)) and os.path.exists(tar) and os.path.exists(offsets_path(tar)):
+        if os.path.exists(_done_path(job, i)) and os.path.exists(tar):
             with open(_done_path(job, i)) as f:
                 done = json.load(f)
             if done.get("plan") != h:
@@ -334,9 +334,18 @@ def _planned(job: ShardJob, source: str):
     return plan, rejects
 
 
+def _add_missing_offsets(job: ShardJob, done_shards) -> None:
+    """Offsets files for finished shards of a set made before they existed (from the tar headers)."""
+    for i in done_shards:
+        tar = os.path.join(job.out_dir, shard_name(job.prefix, i))
+        if not os.path.exists(offsets_path(tar)):
+            write_offsets(tar)
+
+
 def build_shard_set(job: ShardJob, source: str | None = None) -> dict:
     """Build (or finish) one shard set, or this job's part of it; returns the index (also written to
-    ``{prefix}-index.json``), or for a part of several a summary of what it built."""
+    ``{prefix}-index.json``), or for a part of several a summary of what it built. Run on a set made
+    before offsets files and the compact index, it adds both without rebuilding a shard."""
     source = source or job.prefix
     part, parts = job.part
     if not 0 <= part < parts:
@@ -345,6 +354,7 @@ def build_shard_set(job: ShardJob, source: str | None = None) -> dict:
     plan, rejects = _planned(job, source)
     mine = [(i, items, h, d) for i, items, h, d in plan if i % parts == part]
     pending = [(i, items, h) for i, items, h, d in mine if d is None]
+    _add_missing_offsets(job, [i for i, _, _, d in mine if d is not None])
     n_skip = sum(len(items) for _, items, _, d in mine if d is not None)
     workers = job.workers if job.workers is not None else min(8, os.cpu_count() or 1)
     todo = [(it, job.probe == "full", job.frames_fps) for _, items, _ in pending for it in items]
@@ -401,6 +411,7 @@ def merge_shard_set(job: ShardJob, source: str | None = None) -> dict:
     source = source or job.prefix
     plan, rejects = _planned(job, source)
     missing = [shard_name(job.prefix, i) for i, _, _, done in plan if done is None]
+    _add_missing_offsets(job, [i for i, _, _, done in plan if done is not None])
     if missing:
         raise RuntimeError(f"{len(missing)} of {len(plan)} shards of {job.prefix} are not built under the current "
                            f"plan (run their --part again): {', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''}")  # fmt: skip

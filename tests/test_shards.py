@@ -215,6 +215,13 @@ def test_rerun_skips_finished_shards(built):
     build_shard_set(job)
     after = {p: os.stat(out / p).st_mtime_ns for p in tars}
     assert [p for p in tars if after[p] != before[p]] == [tars[1]]
+    # a set made before offsets files gets them from its tars, without a shard rebuilt
+    offsets = {p: (out / (p + ".offsets.npy")).read_bytes() for p in tars}
+    for p in tars:
+        os.remove(out / (p + ".offsets.npy"))
+    build_shard_set(job)
+    assert {p: os.stat(out / p).st_mtime_ns for p in tars} == after
+    assert {p: (out / (p + ".offsets.npy")).read_bytes() for p in tars} == offsets
 
 
 def test_sampling_strategies_by_hand():

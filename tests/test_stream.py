@@ -137,7 +137,7 @@ def test_resume_is_exact_and_reads_the_same_at_10_and_90_percent(tmp_path, token
 # -- (d) another world size or worker count: every sample still once -------------------------------
 
 
-@pytest.mark.parametrize("old,new,cut", [((2, 2), (1, 3), 5), ((4, 0), (2, 0), 3), ((1, 2), (3, 0), 10)])
+@pytest.mark.parametrize("old,new,cut", [((2, 2), (1, 3), 5), ((4, 0), (2, 0), 3), ((1, 2), (3, 0), 10), ((2, 2), (2, 1), 6)])
 def test_resume_with_another_layout_keeps_every_sample_once(tmp_path, tokenizer, old, new, cut):
     # 64 samples in 16 units of 4, shuffled within each unit; a cut inside the streams' first units
     # leaves partly read units; the cuts are chosen so that the rest splits evenly over the new streams
@@ -152,6 +152,7 @@ def test_resume_with_another_layout_keeps_every_sample_once(tmp_path, tokenizer,
     after = []
     for rank in range(w1):
         loader = build_loader(tcfg(pattern, num_workers=k1, shuffle_buffer=4, batches_per_epoch=64 // w1), tokenizer, rank, w1)
+        assert not loader.same_layout(states[0])
         with pytest.raises(ValueError, match="every rank's state"):
             loader.load_state_dict(states[0])
         loader.load_state_dict(list(reversed(states)))

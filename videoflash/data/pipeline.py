@@ -774,6 +774,11 @@ class VideoLoader:
             if got != v:
                 raise ValueError(f"loader state was saved with {k}={got!r}, this loader has {k}={v!r}")
 
+    def same_layout(self, state: dict) -> bool:
+        """Whether ``state`` (one rank's) was saved with this loader's world size, worker count and
+        epoch length, so that this rank's own state continues it exactly."""
+        return {k: state.get(k) for k in self._layout()} == self._layout()
+
     def load_state_dict(self, state) -> None:
         """Continue exactly after the last batch recorded in ``state``.
 
@@ -783,7 +788,7 @@ class VideoLoader:
         for st in states:
             self._check(st)
         old_layout = {k: states[0].get(k) for k in self._layout()}
-        same = old_layout == self._layout()
+        same = self.same_layout(states[0])
         if isinstance(state, dict):
             if not same or state.get("rank") != self.rank:
                 diff = {k: v for k, v in old_layout.items() if v != self._layout()[k]}
@@ -834,9 +839,10 @@ class VideoLoader:
         self.batches_in_segment = 0
         self._streams = {}
         self._past_skips = skips if self.rank == 0 else {}  # the old ranks' counts, counted once
-        log.info("loader: %d ranks x %d workers -> %d x %d in epoch %d: %d units of the old streams' ragged rest "
-                 "dealt first, %d batches per rank left in the epoch", first["world_size"], W_old, self.world_size,
-                 W, self.epoch, sum(len(h) for h in self.plan.head), self._segment_len)  # fmt: skip
+        log.info("loader: %d ranks x %d workers -> %d x %d in epoch %d: %d items of the old streams' ragged rest "
+                 "dealt first, %d batches per rank left in the epoch", first["world_size"], first["num_workers"],
+                 self.world_size, self.cfg.num_workers, self.epoch, sum(len(h) for h in self.plan.head),
+                 self._segment_len)  # fmt: skip
 
     def skip_counts(self) -> dict:
         """Bad samples skipped on this rank so far: ``{"total", "by_reason", "by_shard"}``."""

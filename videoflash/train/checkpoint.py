@@ -191,9 +191,15 @@ class CheckpointManager:
             if torch.is_tensor(st.get("step")):
                 st["step"] = st["step"].clone()
         # RNG from the same rank of the old run (or its last one); the data position from all old ranks
-        # (each rank file is small: a loader state and RNG states)
-        old = [torch.load(path / f"rank{r:05d}.pt", map_location="cpu", weights_only=False)
-               for r in range(int(state["world_size"]))]  # fmt: skip
-        rank_state = old[min(self.rank, len(old) - 1)]
-        rank_state["loader"] = [st["loader"] for st in old]
+        src = path / f"rank{min(self.rank, state['world_size'] - 1):05d}.pt"
+        rank_state = torch.load(src, map_location="cpu", weights_only=False)
+        rank_state["loader"] = self.loader_states(path)
         return rank_state
+
+    def loader_states(self, path: str | os.PathLike) -> list[dict[str, Any]]:
+        """Every rank's loader state in the checkpoint at ``path`` (each rank file is small: a loader
+        state and RNG states), for a loader that continues with another world size or worker count."""
+        path = Path(path)
+        ranks = self.written_by(path)
+        return [torch.load(path / f"rank{r:05d}.pt", map_location="cpu", weights_only=False)["loader"]
+                for r in range(ranks)]  # fmt: skip

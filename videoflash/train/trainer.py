@@ -295,11 +295,12 @@ class Trainer:
         self.resumed_from = str(path)
         known = {k: v for k, v in state.items() if k in TrainerState.__dataclass_fields__}
         self.state = TrainerState(**known)
-        # this rank's own loader state, or (after a change of world size) every old rank's
-        self.loader.load_state_dict(rank_state["loader"])
-        if state["world_size"] != self.world:
-            log.info("resumed on %d ranks from a checkpoint of %d ranks: the rest of the data epoch is dealt "
-                     "to the new ranks", self.world, state["world_size"])  # fmt: skip
+        # this rank's own loader state; after a change of world size (the checkpoint gives the list) or
+        # of data.num_workers, every old rank's, from which the loader deals out the rest of the epoch
+        loader_state = rank_state["loader"]
+        if isinstance(loader_state, dict) and not self.loader.same_layout(loader_state):
+            loader_state = self.ckpt.loader_states(path)
+        self.loader.load_state_dict(loader_state)
         set_rng_state(rank_state["rng"])
         log.info("resumed from %s at step %d of %d", path, self.state.step, self.total_steps)
 
