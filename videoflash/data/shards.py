@@ -122,7 +122,17 @@ class CountingFile:
         self.bytes_read = 0
 
     def read(self, n: int = -1) -> bytes:
-        data = self._f.read(n) if n is None or n >= 0 else self._f.readall()
+        if n is None or n < 0:
+            data = self._f.readall()
+        else:  # an unbuffered read may return less than asked before the end of the file
+            parts, left = [], n
+            while left > 0:
+                got = self._f.read(left)
+                if not got:
+                    break
+                parts.append(got)
+                left -= len(got)
+            data = b"".join(parts)
         self.bytes_read += len(data)
         return data
 
