@@ -12,7 +12,7 @@ import pytest
 from tests.data_fixtures import tar_record_bytes, tokenizer  # noqa: F401
 from tests.test_pipeline import cfg, make_set, take, txt
 from videoflash.data import build_loader
-from videoflash.data.pipeline import _Stream
+from videoflash.data.pipeline import OlderLoaderState, _Stream
 from videoflash.data.units import Plan, UnitTable, replan, window_samples
 
 # 16 streams on 2 cores are more workers than torch suggests; they are what is being tested
@@ -153,6 +153,8 @@ def test_resume_with_another_layout_keeps_every_sample_once(tmp_path, tokenizer,
     for rank in range(w1):
         loader = build_loader(tcfg(pattern, num_workers=k1, shuffle_buffer=4, batches_per_epoch=64 // w1), tokenizer, rank, w1)
         assert not loader.same_layout(states[0])
+        with pytest.raises(OlderLoaderState, match="older loader"):
+            loader.load_state_dict([dict(st, version=1) for st in states])
         with pytest.raises(ValueError, match="every rank's state"):
             loader.load_state_dict(states[0])
         loader.load_state_dict(list(reversed(states)))

@@ -71,6 +71,7 @@ __all__ = [
     "load_sources",
     "resolve_sources",
     "SkipSample",
+    "OlderLoaderState",
 ]
 
 log = logging.getLogger("videoflash.data")
@@ -316,6 +317,10 @@ def _shard_sizes(index_path: str) -> dict:
 
 # --------------------------------------------------------------------------------------------------
 # bad samples
+
+
+class OlderLoaderState(ValueError):
+    """A loader state of another :data:`STATE_VERSION` (an older videoflash's stream layout)."""
 
 
 class SkipSample(Exception):
@@ -763,7 +768,8 @@ class VideoLoader:
 
     def _check(self, state: dict) -> None:
         if state.get("version") != STATE_VERSION:
-            raise ValueError(f"loader state version {state.get('version')!r} is not {STATE_VERSION}")
+            raise OlderLoaderState(f"loader state version {state.get('version')!r} is not {STATE_VERSION}: saved by "
+                                   "an older loader, whose stream layout this one cannot continue")
         for k, v in self._data_signature().items():
             got = state.get(k)
             if k == "sources":

@@ -297,10 +297,15 @@ class Trainer:
         self.state = TrainerState(**known)
         # this rank's own loader state; after a change of world size (the checkpoint gives the list) or
         # of data.num_workers, every old rank's, from which the loader deals out the rest of the epoch
+        from videoflash.data.pipeline import OlderLoaderState
+
         loader_state = rank_state["loader"]
         if isinstance(loader_state, dict) and not self.loader.same_layout(loader_state):
             loader_state = self.ckpt.loader_states(path)
-        self.loader.load_state_dict(loader_state)
+        try:
+            self.loader.load_state_dict(loader_state)
+        except OlderLoaderState as exn:
+            log.warning("%s: %s; the data stream starts its epoch again", path, exn)
         set_rng_state(rank_state["rng"])
         log.info("resumed from %s at step %d of %d", path, self.state.step, self.total_steps)
 
