@@ -4,6 +4,7 @@ user sees for `stage=3` and for a misspelt key, the DeepSpeed JSON, and the engi
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
@@ -15,7 +16,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from videoflash.config import CONFIG_DIR, ConfigError, compose, normalize_overrides, validate
+from videoflash.config import CONFIG_DIR, ConfigError, check_paths, compose, normalize_overrides, validate
 
 REPO = Path(__file__).resolve().parents[1]
 GROUPS = ("model", "data", "stage", "deepspeed", "logger", "launcher", "experiment")
@@ -216,7 +217,12 @@ def test_freezing_and_per_module_learning_rates(stage):
 
 
 # -- model FLOPs against torch's own FLOP counter -------------------------------------------------------
+# torch's FlopCounterMode has no formula for the fused CPU attention kernel that
+# scaled_dot_product_attention picks (torch 2.14: aten._scaled_dot_product_flash_attention_for_cpu),
+# so its attention FLOPs would silently count as 0. Under the MATH backend SDPA decomposes into
+# bmm/matmul, which the counter does count: the comparison is then against every matmul the model runs.
 def test_analytic_flops_match_torch_flop_counter():
+    from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
     from videoflash.train.flops import FlopsModel
@@ -224,16 +230,19 @@ def test_analytic_flops_match_torch_flop_counter():
     model = _tiny_model().eval()
     fm = FlopsModel.from_config(model.config, trainable=[])
     frames = torch.randint(0, 255, (4, 32, 32, 3), dtype=torch.uint8)
-    with FlopCounterMode(display=False) as fc:
-        with torch.no_grad():
-            model.vision_tower(model._normalize(frames).reshape(1, 4, 3, 32, 32))
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc, torch.no_grad():
+        model.vision_tower(model._normalize(frames).reshape(1, 4, 3, 32, 32))
     assert fm.encoder_forward(4) == pytest.approx(fc.get_total_flops(), rel=0.02)
+    # the attention part on its own, by hand: QK^T and AV, 2 * P^2 * w each, per block
+    v = model.config.vision_config
+    patches = 4 * (v["image_size"] // v["patch_size"]) ** 2
+    counted = {str(k): n for k, n in fc.get_flop_counts()["Global"].items()}
+    assert counted.get("aten.bmm", 0) == v["depth"] * 4 * patches**2 * v["width"]
 
     n = 40
     ids = torch.randint(0, 60, (1, n))
-    with FlopCounterMode(display=False) as fc:
-        with torch.no_grad():
-            model.language_model(input_ids=ids)
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc, torch.no_grad():
+        model.language_model(input_ids=ids)
     # torch counts full (non-causal) attention; the analytic count halves it for causal masking
     L, h = model.config.text_config.num_hidden_layers, model.config.text_config.hidden_size
     assert fm.llm_forward(n) + 2 * L * n * n * h == pytest.approx(fc.get_total_flops(), rel=0.02)
@@ -266,3 +275,107 @@ def test_a_signal_sets_the_stop_flag():
         assert p.should_stop()
     finally:
         p.restore()
+
+
+# -- the files a run starts from (checked before any model is built) --------------------------------
+def _hf_dir(path: Path, shards: int = 1) -> Path:
+    """A minimal HF model directory: config.json and safetensors weights (sharded with an index)."""
+    from safetensors.torch import save_file
+
+    path.mkdir(parents=True)
+    (path / "config.json").write_text('{"model_type": "videoflash"}')
+    if shards == 1:
+        save_file({"w": torch.arange(64.0)}, str(path / "model.safetensors"))
+    else:
+        names = [f"model-{i + 1:05d}-of-{shards:05d}.safetensors" for i in range(shards)]
+        for i, name in enumerate(names):
+            save_file({f"w{i}": torch.arange(64.0)}, str(path / name))
+        (path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {f"w{i}": n for i, n in enumerate(names)}}))
+    return path
+
+
+def _paths_error(tmp_path, *overrides: str) -> ConfigError | None:
+    typed = validate(compose(["model=tiny", f"run_root={tmp_path / 'run'}", *overrides]))
+    try:
+        check_paths(typed)
+    except ConfigError as err:
+        return err
+    return None
+
+
+def test_a_whole_start_passes_the_path_checks(tmp_path):
+    good = _hf_dir(tmp_path / "export", shards=2)
+    ckpt = tmp_path / "step_00000004"
+    ckpt.mkdir()
+    (ckpt / "trainer_state.json").write_text("{}")
+    assert _paths_error(tmp_path, "stage=2", f"stage.init={good}", f"resume={ckpt}") is None
+
+
+def _truncated(path: Path, keep: float = 0.5) -> Path:
+    path.write_bytes(path.read_bytes()[: int(path.stat().st_size * keep)])
+    return path
+
+
+def _damaged_init(tmp_path: Path, damage: str) -> Path:
+    """An HF directory with one damaged file: the path that must be named."""
+    d = _hf_dir(tmp_path / "export", shards=2 if damage == "missing-shard" else 1)
+    if damage == "truncated-shard":
+        return _truncated(d / "model.safetensors", 0.9)
+    if damage == "missing-shard":
+        (d / "model-00002-of-00002.safetensors").unlink()
+        return d / "model-00002-of-00002.safetensors"
+    (d / "config.json").write_text('{"model_type": "videofl')
+    return d / "config.json"
+
+
+def _umt_truncated(tmp_path: Path) -> Path:
+    torch.save({"encoder.w": torch.zeros(1000)}, tmp_path / "umt.pt")
+    return _truncated(tmp_path / "umt.pt")
+
+
+# case: (key, what the message says, a function of tmp_path giving (overrides, the path to name))
+PATH_CASES = {
+    "resume-missing": ("resume", "no such checkpoint directory", lambda t: (["stage=2", f"resume={t / 'x'}"], t / "x")),
+    "resume-not-a-checkpoint": ("resume", "no trainer_state.json", lambda t: (["stage=2", f"resume={t}"], t)),
+    "init-missing": ("stage.init", "is not a directory", lambda t: (["stage=2", f"stage.init={t / 'x'}"], t / "x")),
+    **{f"init-{damage}": ("stage.init", said, lambda t, damage=damage: (["stage=2", f"stage.init={t / 'export'}"],
+                                                                        _damaged_init(t, damage)))
+       for damage, said in [("truncated-shard", "its safetensors header says"),
+                            ("missing-shard", "listed in model.safetensors.index.json, is missing"),
+                            ("garbled-config", "is not valid JSON")]},
+    "vision-missing": ("model.vision.pretrained", "no such file",
+                       lambda t: (["stage=1", f"model.vision.pretrained={t / 'x.pt'}"], t / "x.pt")),
+    "vision-truncated": ("model.vision.pretrained", "is truncated or damaged",
+                         lambda t: (["stage=1", f"model.vision.pretrained={_umt_truncated(t)}"], t / "umt.pt")),
+    "text-missing": ("model.text.pretrained", "no such directory",
+                     lambda t: (["stage=1", f"model.text.pretrained={t / 'x'}"], t / "x")),
+    "text-offline-not-cached": ("model.text.pretrained", "not in the local cache",
+                                lambda t: (["stage=1", "model.text.pretrained=videoflash-tests/no-such-model"],
+                                           "videoflash-tests/no-such-model")),
+}
+
+
+@pytest.mark.parametrize("case", sorted(PATH_CASES))
+def test_a_missing_or_damaged_start_names_the_key_and_the_path(tmp_path, monkeypatch, case):
+    key, said, make = PATH_CASES[case]
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    overrides, where = make(tmp_path)
+    err = _paths_error(tmp_path, *overrides)
+    assert err is not None and err.key == key
+    assert said in str(err) and str(where) in str(err), str(err)
+
+
+def test_pretrained_parts_are_not_needed_once_the_start_is_built(tmp_path):
+    """A resumed stage 1 has its from-parts starting point already: the parts may be gone."""
+    (tmp_path / "run" / "stage1" / "init").mkdir(parents=True)
+    (tmp_path / "run" / "stage1" / "init" / "config.json").write_text("{}")
+    assert _paths_error(tmp_path, "stage=1", f"model.vision.pretrained={tmp_path / 'gone.pt'}") is None
+
+
+@pytest.mark.parametrize("override", ["stage.init", "resume"])
+def test_the_cli_stops_on_a_missing_start_before_any_work(tmp_path, override):
+    missing = tmp_path / "nowhere"
+    out = cli("stage=2", "model=tiny", f"{override}={missing}", f"run_root={tmp_path / 'run'}")
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert f"config error: {override}: {missing}" in out.stderr
+    assert "shm_comm_op" not in out.stdout + out.stderr and not (tmp_path / "run").exists()

@@ -165,6 +165,29 @@ def test_export_of_a_bare_checkpoint_says_what_is_missing(tmp_path, tok):
     assert json.loads((out / "processor_config.json").read_text())["max_frames"] == 32
 
 
+@pytest.mark.parametrize("damage", ["truncated-shard", "garbled-tokenizer-config", "missing-shard"])
+def test_export_of_a_damaged_checkpoint_names_the_bad_file(tmp_path, tok, capsys, damage):
+    model = tiny_chat_model(tok, seed=2)
+    ckpt = tmp_path / "ckpt"
+    model.save_pretrained(ckpt, max_shard_size="300KB" if damage == "missing-shard" else "5GB")
+    tok.save_pretrained(ckpt)
+    shards = sorted(ckpt.glob("*.safetensors"))
+    if damage == "truncated-shard":
+        bad = shards[0]
+        bad.write_bytes(bad.read_bytes()[: bad.stat().st_size - 1000])
+    elif damage == "missing-shard":
+        bad = shards[-1]
+        bad.unlink()
+    else:
+        bad = ckpt / "tokenizer_config.json"
+        bad.write_text(bad.read_text()[:-20])
+    out = tmp_path / "out"
+    assert main([str(ckpt), str(out), "--no-load-check"]) == 1
+    err = capsys.readouterr().err
+    assert "is damaged" in err and str(bad) in err, err
+    assert not out.exists()
+
+
 def test_export_options_yarn_and_dropout(tmp_path, run_dir):
     out = tmp_path / "yarn_export"
     assert main([str(run_dir / "stage3"), str(out), "--yarn", "4", "--visual-dropout", "2:0.5:uniform,3:0.25:text",

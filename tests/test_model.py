@@ -263,8 +263,12 @@ def test_generate_with_dropout_equals_repeated_full_forwards(kinds):
     mask = torch.zeros(2, 9, dtype=torch.long)
     ids[0], mask[0] = prompts[0], 1
     ids[1, 3:], mask[1, 3:] = prompts[1], 1
+    fed = []  # tokens the embedding sees per forward: the prompt once, then one token per step
+    hook = model.get_input_embeddings().register_forward_hook(lambda m, args, out: fed.append(args[0].shape[1]))
     out = model.generate(input_ids=ids, attention_mask=mask, pixel_values_videos=torch.cat(frames),
                          video_frame_counts=torch.tensor([8, 4]), max_new_tokens=6, do_sample=False, pad_token_id=0)
+    hook.remove()
+    assert fed == [9] + [1] * 5, "generate must decode on the KV cache, one new token per step"
     for b in range(2):
         seq, tokens = prompts[b][None], []
         with torch.no_grad():

@@ -155,6 +155,47 @@ def test_preempted_ranks_stop_at_the_same_step_and_resume_exactly(tmp_path, tiny
         assert got[step] == pytest.approx(reference[step], rel=1e-6, abs=1e-7), f"step {step}"
 
 
+def test_a_damaged_latest_resumes_from_the_previous_checkpoint_and_a_crafted_one_is_refused(
+        tmp_path, tiny_overrides, ds_env, reference):
+    """Checkpoints at steps 4 and 8. A rank file of step 8 replaced by a pickle that would create a
+    file (and a manifest that agrees with it): resume=<step 8> stops with exit 2 naming the file, and
+    the file is never created. The same rank file truncated: resume=auto warns, names both
+    checkpoints, resumes from step 4 and reaches the losses of the uninterrupted run."""
+    from tests.crafted_pickle import save_with_payload
+    from videoflash.train.checkpoint import build_manifest
+
+    run_root = tmp_path / "run"
+    ckpts = run_root / "stage2" / "checkpoints"
+    proc = torchrun(args(tiny_overrides, run_root, "train.stop_after_steps=8"), ds_env)
+    out, _ = proc.communicate(timeout=400)
+    assert proc.returncode != 0 and (ckpts / "latest").read_text().strip() == "step_00000008", out[-3000:]
+    step8, step4 = ckpts / "step_00000008", ckpts / "step_00000004"
+    rank1 = step8 / "rank00001.pt"
+    original = rank1.read_bytes()
+
+    marker = tmp_path / "marker"
+    save_with_payload({"loader": None, "rng": None}, rank1, marker)
+    (step8 / "manifest.json").write_text(json.dumps(build_manifest(step8)))
+    proc = torchrun(args(tiny_overrides, run_root, f"resume={step8}"), ds_env)
+    out, _ = proc.communicate(timeout=400)
+    assert "rank00001.pt: refusing to unpickle" in out and not marker.exists(), out[-3000:]
+    assert "train.trust_checkpoint_pickle" in out
+
+    rank1.write_bytes(original[: len(original) // 2])
+    proc = torchrun(args(tiny_overrides, run_root, "resume=auto"), ds_env)
+    out, _ = proc.communicate(timeout=400)
+    assert proc.returncode == 0, out[-4000:]
+    assert f"checkpoint {step8} is not intact" in out and f"resuming from {step4}" in out
+    metrics = run_root / "stage2" / "metrics.jsonl"
+    records = rows(metrics)
+    last_start = max(i for i, r in enumerate(records) if r.get("event") == "start")
+    assert records[last_start]["step"] == 4 and records[last_start]["resumed_from"] == str(step4)
+    after = losses(metrics, records[last_start:])
+    assert sorted(after) == list(range(5, STEPS + 1))
+    for step, loss in after.items():
+        assert loss == pytest.approx(reference[step], rel=1e-6, abs=1e-7), f"step {step}"
+
+
 def test_resume_with_another_worker_count_keeps_the_data_position(tmp_path, tiny_overrides, ds_env):
     """A run stopped after step 4 and resumed with 1 DataLoader worker instead of none: the loader
     gets every rank's state and deals out the rest of the data epoch (not a fresh epoch)."""

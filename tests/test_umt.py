@@ -8,13 +8,17 @@ videoflash code.
 
 from __future__ import annotations
 
+import argparse
 import math
 
 import numpy as np
 import pytest
 import torch
 
+from videoflash.model.safe_load import CorruptFileError, UnsafePickleError
 from videoflash.model.umt import UMTCheckpointError, UMTEncoder
+
+from tests.crafted_pickle import save_with_payload
 
 WIDTH, HEADS, BLOCKS_IN_FILE, MLP, PATCH = 64, 4, 3, 256, 16
 
@@ -256,3 +260,33 @@ def test_gradient_checkpointing_same_gradients(sd):
         model(x).square().mean().backward()
         grads.append(model.blocks[0].attn.qkv.weight.grad.clone())
     torch.testing.assert_close(grads[0], grads[1])
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy-format"])
+def test_crafted_pickle_does_not_run(sd, tmp_path, legacy):
+    """A weights file whose pickle would create a file is refused, naming the file and the global,
+    and nothing of it runs; with the explicit opt-in it loads (and its code runs, as promised)."""
+    marker = tmp_path / "marker"
+    path = save_with_payload(sd, tmp_path / "UMT-L_f4_vision.pt", marker, legacy=legacy)
+    with pytest.raises(UnsafePickleError, match=r"UMT-L_f4_vision\.pt: refusing to unpickle (io|builtins)\.open.*trust_pickle"):
+        UMTEncoder.from_official(path, num_heads=HEADS)
+    assert not marker.exists()
+    model = UMTEncoder.from_official(path, num_heads=HEADS, trust_pickle=True)
+    assert marker.exists()
+    torch.testing.assert_close(model.blocks[0].attn.q_bias, sd["encoder.blocks.0.attn.q_bias"])
+
+
+def test_training_checkpoint_with_args_loads_as_data(sd, tmp_path):
+    """UMT's training checkpoints store their argparse arguments beside the weights: allowed."""
+    path = tmp_path / "umt_train.pt"
+    torch.save({"model": sd, "args": argparse.Namespace(lr=1e-3, model="umt_large")}, path)
+    model = UMTEncoder.from_official(path, num_heads=HEADS)
+    torch.testing.assert_close(model.norm.weight, sd["encoder.norm.weight"])
+
+
+def test_truncated_file_is_named(sd, tmp_path):
+    path = tmp_path / "UMT-L_f4_vision.pt"
+    torch.save(sd, path)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(CorruptFileError, match=r"UMT-L_f4_vision\.pt is not a complete torch file"):
+        UMTEncoder.from_official(path, num_heads=HEADS)

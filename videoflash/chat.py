@@ -3,7 +3,9 @@ VideoFlash checkpoint (streaming, multi-turn); the logic is in :mod:`videoflash.
 
 import sys
 
+from videoflash.console import quiet_known_noise
 from videoflash.inference.chat_cli import main
 
 if __name__ == "__main__":
+    quiet_known_noise()
     sys.exit(main())

@@ -22,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 
+from videoflash.console import quiet_known_noise
+
 EXPERIMENT = "experiment=quickstart"
 
 
@@ -88,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fresh", action="store_true", help="remove the quickstart run directory first")
     p.add_argument("overrides", nargs="*", help="config overrides for every stage (key=value)")
     a = p.parse_args(argv)
+    quiet_known_noise()
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/videoflash/torch_extensions"))
     os.environ.setdefault("WANDB_MODE", "offline")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -154,10 +154,10 @@ def main() -> int:
         for phase in ("load_plain", "load_repaired"):
             print(f"resuming on {a.load_ranks} ranks ({phase}) ...", flush=True)
             torchrun(a.load_ranks, "--phase", phase, *common)
-        ref = torch.load(out / "save.pt")
+        ref = torch.load(out / "save.pt", weights_only=True)  # tensors only: loaded as data
         diffs = {}
         for phase in ("load_plain", "load_repaired"):
-            got = torch.load(out / f"{phase}.pt")
+            got = torch.load(out / f"{phase}.pt", weights_only=True)
             diffs[phase] = max((ref[k] - got[k]).abs().max().item() for k in ref)
     print(f"\n{a.save_ranks} -> {a.load_ranks} ranks, largest difference to the uninterrupted run after "
           f"{a.steps_after} more steps (weights and Adam moments):")

@@ -16,6 +16,7 @@ from omegaconf import DictConfig
 
 from .schema import VideoFlashSchema, register  # noqa: F401  (registers the schema)
 from .validate import ConfigError, resolve, validate  # noqa: F401
+from .files import check_paths, hf_dir_problems  # noqa: F401
 
 #: ``configs/`` at the repository root.
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"

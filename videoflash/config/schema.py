@@ -39,6 +39,9 @@ class VisionSchema:
     final_norm_eps: float = 1e-12
     # Official UMT weights (``UMT-L_f4_vision.pt``) for stage 1; null = a freshly initialised encoder.
     pretrained: Optional[str] = None
+    # The file is loaded as data (tensors, plain containers, argparse.Namespace); true unpickles it
+    # without restriction, which runs any code it holds: only for a file you trust.
+    trust_pickle: bool = False
 
 
 @dataclass
@@ -219,6 +222,9 @@ class TrainSchema:
     log_every: int = 1
     checkpoint_every: int = 500  # optimizer steps between checkpoints (0 = only at preemption)
     keep_checkpoints: int = 2
+    # checkpoints load as data (tensors, plain containers, DeepSpeed's loss scaler); true unpickles
+    # this run's checkpoint files without restriction: only for files you trust
+    trust_checkpoint_pickle: bool = False
     # stop this process after this optimizer step with a checkpoint and the preemption exit code,
     # as if preempted there (tests, debugging); null = run the stage to its end
     stop_after_steps: Optional[int] = None

@@ -13,6 +13,8 @@ writes ``<out dir>`` with
 - ``generation_config.json`` (greedy, ``eos = <|im_end|>``) and a model card (``README.md``) with
   the training recipe, stage, data mix and measured results of the run.
 
+The source is checked before it loads (``videoflash.config.files.hf_dir_problems``): a garbled JSON
+file, a missing shard or a truncated safetensors file stops the export with that file named.
 The directory is written under a temporary name and renamed when complete; then every ``auto_map``
 target is checked to exist, the shards are checked against the model's parameters, and the export is
 loaded back with the Auto classes (``trust_remote_code``) and compared parameter by parameter.
@@ -33,6 +35,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from videoflash.config.files import hf_dir_problems
 
 from .hub import HubPublisher, PublishError
 from .run_info import RunInfo, Source, gather_run_info, resolve_source
@@ -257,6 +261,9 @@ def export(
         raise ExportError(f"{out_dir} exists and is not empty; pass --overwrite to replace it")
     if dtype not in DTYPES:
         raise ExportError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    damaged = hf_dir_problems(src.checkpoint)
+    if damaged:
+        raise ExportError(f"the checkpoint {src.checkpoint} is damaged:\n  " + "\n  ".join(damaged))
     cfg_json = json.loads((src.checkpoint / "config.json").read_text())
     if cfg_json.get("model_type") != "videoflash":
         raise ExportError(f"{src.checkpoint} holds a {cfg_json.get('model_type')!r} model, not a videoflash one")

@@ -175,3 +175,10 @@ class VideoFlashConfig(PretrainedConfig):
         if inference is not None:
             self.visual_dropout_in_inference = bool(inference)
         self.validate_visual_dropout()
+
+
+# transformers' public registry: with the type registered, AutoConfig (and AutoTokenizer, which reads
+# the config first) resolve an export's config.json to this class in-process instead of falling
+# back to a bare PretrainedConfig with a warning. A remote-code copy of this file re-registers its
+# own class, hence exist_ok.
+AutoConfig.register(VideoFlashConfig.model_type, VideoFlashConfig, exist_ok=True)

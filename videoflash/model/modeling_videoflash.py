@@ -19,7 +19,9 @@ transformers and its siblings.
 from __future__ import annotations
 
 import copy
+import inspect
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +38,21 @@ from .umt import UMTEncoder
 from .visual_dropout import keep_count, text_guided_scores, topk_keep, uniform_keep
 
 IGNORE_INDEX = -100
+
+# transformers 5.2x renamed the KV-cache argument of models, decoder layers and generation from
+# ``past_key_values`` to ``cache`` (the old name is deprecated and goes away in 5.40). The model
+# speaks whichever name the installed release declares, so it runs on old and new releases alike.
+_OUTPUT_CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+_GENERATION_CACHE_KWARG = (
+    "cache" if "cache" in inspect.signature(GenerationMixin.prepare_inputs_for_generation).parameters
+    else "past_key_values"
+)
+
+
+@lru_cache(maxsize=None)
+def _layer_cache_kwarg(layer_type: type) -> str:
+    """The name under which a decoder layer class takes the KV cache."""
+    return "cache" if "cache" in inspect.signature(layer_type.forward).parameters else "past_key_values"
 VISUAL_INPUT_KEYS = (
     "pixel_values_videos",
     "video_frame_counts",
@@ -77,7 +94,7 @@ class VideoFlashPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_flash_attn = True
     _supports_attention_backend = True
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["cache", "past_key_values"]
 
     def _init_weights(self, module):
         super()._init_weights(module)
@@ -448,7 +465,7 @@ class VideoFlashForConditionalGeneration(VideoFlashPreTrainedModel, GenerationMi
         pixel_values_images: torch.Tensor | None = None,
         image_tile_counts: torch.Tensor | None = None,
         image_grids: torch.Tensor | None = None,
-        past_key_values=None,
+        cache=None,
         use_cache: bool | None = None,
         dropout_query_positions: torch.Tensor | None = None,
         video_embeds: torch.Tensor | None = None,
@@ -465,16 +482,18 @@ class VideoFlashForConditionalGeneration(VideoFlashPreTrainedModel, GenerationMi
 
         ``video_embeds`` (inference) replaces ``pixel_values_videos`` by visual tokens computed
         beforehand (:meth:`encode_video_chunked`), with the same ``video_frame_counts``."""
+        if cache is None:  # the name of transformers releases before 5.2x
+            cache = kwargs.pop("past_key_values", None)
         if input_ids is None:
             raise ValueError("VideoFlash needs input_ids (the visual tokens are spliced into them)")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         use_cache = bool(use_cache) and not self.training
-        state = getattr(past_key_values, "_videoflash_state", None) if past_key_values is not None else None
+        state = getattr(cache, "_videoflash_state", None) if cache is not None else None
         decoder = self.get_decoder()
         layers = decoder.layers
+        cache_kw = _layer_cache_kwarg(type(layers[0]))
         schedule = self._dropout_schedule()
-        cache = past_key_values
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config.text_config)
 
@@ -497,8 +516,8 @@ class VideoFlashForConditionalGeneration(VideoFlashPreTrainedModel, GenerationMi
                     mask2d, pos = stage_inputs[stage]
                     mask4d = self._attention_mask(mask2d, q_len, hidden.dtype)
                     pe = decoder.rotary_emb(hidden, pos)
-                hidden = layer(hidden, attention_mask=mask4d, position_ids=pos, past_key_values=cache,
-                               use_cache=True, position_embeddings=pe)
+                hidden = layer(hidden, attention_mask=mask4d, position_ids=pos, use_cache=True,
+                               position_embeddings=pe, **{cache_kw: cache})
             new_labels = None
         else:  # training or prefill
             per_sample, anchor = self._visual_tokens_per_sample(
@@ -530,8 +549,8 @@ class VideoFlashForConditionalGeneration(VideoFlashPreTrainedModel, GenerationMi
                     )
                     mask4d = self._attention_mask(mask2d, hidden.shape[1], hidden.dtype)
                     pe = decoder.rotary_emb(hidden, positions)
-                hidden = layer(hidden, attention_mask=mask4d, position_ids=positions, past_key_values=cache,
-                               use_cache=use_cache, position_embeddings=pe)
+                hidden = layer(hidden, attention_mask=mask4d, position_ids=positions, use_cache=use_cache,
+                               position_embeddings=pe, **{cache_kw: cache})
             if new_state is not None:
                 new_state.stage_masks.append(mask2d)
                 new_state.next_positions.append(positions.max(1).values + 1)
@@ -546,19 +565,21 @@ class VideoFlashForConditionalGeneration(VideoFlashPreTrainedModel, GenerationMi
             loss = F.cross_entropy(
                 logits[:, :-1].flatten(0, 1).float(), new_labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX
             )
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=cache if use_cache else None)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{_OUTPUT_CACHE_FIELD: cache if use_cache else None})
 
     # -- generation ---------------------------------------------------------------------------------------
-    def prepare_inputs_for_generation(self, input_ids, past_key_values=None, attention_mask=None,
+    def prepare_inputs_for_generation(self, input_ids, cache=None, attention_mask=None,
                                       inputs_embeds=None, is_first_iteration=False, **kwargs):
+        if cache is None:  # the name of transformers releases before 5.2x
+            cache = kwargs.pop("past_key_values", None)
         visual = {key: kwargs.pop(key, None) for key in VISUAL_INPUT_KEYS}
         query = kwargs.pop("dropout_query_positions", None)
         inputs = super().prepare_inputs_for_generation(
-            input_ids, past_key_values=past_key_values, attention_mask=attention_mask,
-            inputs_embeds=inputs_embeds, is_first_iteration=is_first_iteration, **kwargs,
+            input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+            is_first_iteration=is_first_iteration, **{_GENERATION_CACHE_KWARG: cache}, **kwargs,
         )
         inputs.pop("position_ids", None)
-        prefill = getattr(past_key_values, "_videoflash_state", None) is None
+        prefill = getattr(cache, "_videoflash_state", None) is None
         if prefill:
             inputs["input_ids"] = input_ids
             inputs.update({k: v for k, v in visual.items() if v is not None})
@@ -633,6 +654,7 @@ class VideoFlashForConditionalGeneration(VideoFlashPreTrainedModel, GenerationMi
         image_token_id: int | None = None,
         tokenizer=None,
         torch_dtype: torch.dtype | None = None,
+        vision_trust_pickle: bool = False,
         **config_kwargs,
     ) -> "VideoFlashForConditionalGeneration":
         """The stage-1 starting point: an HF LLM + UMT weights (or a fresh encoder) + a new connector.
@@ -644,6 +666,8 @@ class VideoFlashForConditionalGeneration(VideoFlashPreTrainedModel, GenerationMi
                 ``frames_per_clip`` are read (the rest comes from the weights).
             image_token_id: the placeholder id; with ``tokenizer`` it is looked up (``<image>`` is added
                 to the tokenizer when missing) and the LLM's embeddings grow if the vocabulary did.
+            vision_trust_pickle: unpickle ``vision`` without restriction (``UMTEncoder.from_official``'s
+                ``trust_pickle``); only for a file you trust.
             config_kwargs: any other :class:`VideoFlashConfig` field.
         """
         vision_config = dict(vision_config or {})
@@ -660,6 +684,7 @@ class VideoFlashForConditionalGeneration(VideoFlashPreTrainedModel, GenerationMi
                 image_size=vision_config.get("image_size", 224),
                 frames_per_clip=vision_config.get("frames_per_clip", 4),
                 num_heads=vision_config.get("num_heads"),  # default: width // 64, as UMT-L
+                trust_pickle=vision_trust_pickle,
             )
             vision_config.update(encoder.encoder_config())
         if tokenizer is not None:

@@ -36,10 +36,9 @@ exported Hugging Face checkpoint.
 
 from __future__ import annotations
 
+import argparse
 import os
-import pickle
 import re
-import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -48,6 +47,8 @@ import torch.nn.functional as F
 from timm.layers import Mlp
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+from .safe_load import load_torch_file
 
 try:  # optional, CUDA only; any failure (missing package, broken build) falls back to SDPA
     from flash_attn import flash_attn_qkvpacked_func as _flash_attn_qkvpacked_func
@@ -352,6 +353,7 @@ class UMTEncoder(nn.Module):
         select_layer: int = -2,
         frames_per_clip: int = 4,
         num_heads: int | None = None,
+        trust_pickle: bool = False,
     ) -> "UMTEncoder":
         """Build the encoder from the released ``UMT-L_f4_vision.pt`` (or its state dict).
 
@@ -366,6 +368,10 @@ class UMTEncoder(nn.Module):
                 ``k >= 0`` the first ``k + 1``.
             frames_per_clip: frames of a clip.
             num_heads: attention heads; default ``width // 64`` (16 for UMT-L).
+            trust_pickle: the file is unpickled without restriction (``weights_only=False``). Only for
+                a file you trust: by default it is loaded as data, and a file that names other globals
+                than tensors, plain containers and :data:`UMT_FILE_GLOBALS` is refused with
+                :class:`~.safe_load.UnsafePickleError` naming them, before anything of it runs.
 
         Width, patch size, MLP ratio and the number of blocks present are read from the weights.
         Loading is strict over the blocks that are built: a missing or unexpected key raises
@@ -375,7 +381,7 @@ class UMTEncoder(nn.Module):
             source = repr(os.fspath(path_or_state_dict))
         else:
             source = "the given state dict"
-        enc = _encoder_state_dict(path_or_state_dict, source)
+        enc = _encoder_state_dict(path_or_state_dict, source, trust_pickle)
 
         w = enc["patch_embed.proj.weight"]
         if w.dim() != 5 or w.shape[1] != 3 or w.shape[2] != 1 or w.shape[3] != w.shape[4]:
@@ -430,22 +436,20 @@ class UMTEncoder(nn.Module):
         return model
 
 
-def _encoder_state_dict(path_or_state_dict: Any, source: str) -> dict[str, torch.Tensor]:
+#: What a UMT file may hold besides tensors and plain containers: the released
+#: ``UMT-L_f4_vision.pt`` is a flat state dict; UMT's own training checkpoints add their arguments.
+UMT_FILE_GLOBALS = (argparse.Namespace,)
+
+
+def _encoder_state_dict(path_or_state_dict: Any, source: str, trust_pickle: bool = False) -> dict[str, torch.Tensor]:
     """Load (if a path), unwrap, and return the encoder's tensors without the ``encoder.`` prefix."""
     if isinstance(path_or_state_dict, (str, os.PathLike)):
         path = os.fspath(path_or_state_dict)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"UMT checkpoint not found: {path!r}")
-        try:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError:
-            # Training checkpoints sometimes pickle extra objects (e.g. args) beside the weights.
-            warnings.warn(
-                f"{path!r} holds more than tensors; loading it with weights_only=False "
-                "(only do this with files you trust)",
-                stacklevel=3,
-            )
-            sd = torch.load(path, map_location="cpu", weights_only=False)
+        sd = load_torch_file(path, allowed=UMT_FILE_GLOBALS, trust_pickle=trust_pickle,
+                             opt_in="UMTEncoder.from_official(..., trust_pickle=True) "
+                                    "(training config: model.vision.trust_pickle=true)")
     else:
         sd = path_or_state_dict
 

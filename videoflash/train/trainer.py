@@ -38,11 +38,19 @@ if not torch.cuda.is_available():
 
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
+from videoflash.config import ConfigError  # noqa: E402
 from videoflash.config.schema import VideoFlashSchema  # noqa: E402
 from videoflash.data.collate import BATCH_KEYS  # noqa: E402
 
 from . import distributed, ds_config, stages  # noqa: E402
-from .checkpoint import CheckpointManager, rng_state, set_rng_state  # noqa: E402
+from .checkpoint import (  # noqa: E402
+    CheckpointError,
+    CheckpointManager,
+    CheckpointWriteError,
+    rng_state,
+    set_rng_state,
+    verify,
+)
 from .data import MissingDataError, check_sources  # noqa: E402
 from .flops import FlopsModel, peak_tflops  # noqa: E402
 from .metrics import Reporter, StepStats, start_wandb  # noqa: E402
@@ -53,6 +61,9 @@ log = logging.getLogger("videoflash.train")
 #: Exit status when the stage cannot start (its starting point or its data is missing), as for
 #: config errors.
 EXIT_CONFIG_ERROR = 2
+#: Exit status when a checkpoint could not be written (full disk): training stops, the previous
+#: checkpoint is intact.
+EXIT_CHECKPOINT_FAILED = 1
 
 MODEL_KEYS = BATCH_KEYS[:8]  # the batch keys that the model's forward takes (docs/contracts.md)
 
@@ -105,7 +116,8 @@ class Trainer:
         distributed.barrier()
         _setup_logging(self.rank, self.stage_dir)
         self.preemption = Preemption(cfg.launcher.preempt_signals, self.device, cfg.launcher.requeue, self.rank)
-        self.ckpt = CheckpointManager(self.stage_dir / "checkpoints", cfg.train.keep_checkpoints, self.rank, self.world)
+        self.ckpt = CheckpointManager(self.stage_dir / "checkpoints", cfg.train.keep_checkpoints, self.rank, self.world,
+                                      trust_pickle=cfg.train.trust_checkpoint_pickle)
         self.export_dir = stages.export_dir(cfg.run_root, stage.id)
         self.bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and self.device.type == "cuda")
         self.dtype = torch.bfloat16 if self.bf16 else torch.float32
@@ -131,6 +143,7 @@ class Trainer:
         distributed.barrier()
         self.init = stages.init_source(stage, cfg.run_root)
         check_sources(cfg)
+        self.resume_path = self.find_resume_path()  # checked before any model is built
         log.info("stage %d (%s) on %d rank(s), %s, %s; starts from %s", stage.id, stage.name, self.world,
                  self.device.type, "bf16" if self.bf16 else "fp32",
                  "parts" if self.init.kind == "parts" else self.init.path)
@@ -160,7 +173,6 @@ class Trainer:
         factor = stages.lr_lambda(self.total_steps, stage.warmup_ratio, stage.lr_schedule, stage.min_lr_ratio)
         import deepspeed
 
-        self.resume_path = self.find_resume_path()
         if self.resume_path is not None and self.ckpt.written_by(self.resume_path) != self.world:
             self.ckpt.prepare_universal(self.resume_path)  # resuming on another number of ranks
             self.ds_config["checkpoint"] = {"load_universal": True}
@@ -200,11 +212,12 @@ class Trainer:
                 fields = {k: v for k, v in asdict(m.text).items() if k != "pretrained" and v is not None}
                 text = dict(fields, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
                             eos_token_id=tokenizer.eos_token_id, bos_token_id=None)
-            vision = {k: v for k, v in asdict(m.vision).items() if k != "pretrained"}
+            vision = {k: v for k, v in asdict(m.vision).items() if k not in ("pretrained", "trust_pickle")}
             vision["image_size"] = stage.image_size
             torch.manual_seed(self.cfg.seed)
             model = VideoFlashForConditionalGeneration.from_parts(
                 text=text, vision=m.vision.pretrained, vision_config=vision, tokenizer=tokenizer,
+                vision_trust_pickle=m.vision.trust_pickle,
                 tokens_per_clip=m.tokens_per_clip, tokens_per_image=m.tokens_per_image, max_grid=m.max_grid,
                 **self.dropout_fields(),
             )
@@ -276,14 +289,24 @@ class Trainer:
         return max(1, math.ceil(stage.epochs * self.epoch_samples / stage.global_batch_size))
 
     def find_resume_path(self) -> Path | None:
-        """The checkpoint to continue from (``resume=auto``: the latest; a path; ``never``), agreed by all ranks."""
+        """The checkpoint to continue from (``resume=auto``: the latest intact one; a path, which
+        must be intact; ``never``), found by rank 0 and agreed by all ranks; :class:`ConfigError`
+        (key ``resume``) on every rank when it cannot be used."""
         cfg = self.cfg
-        path = None
-        if cfg.resume == "auto":
-            path = self.ckpt.latest()
-        elif cfg.resume != "never":
+        path, problem = None, None
+        if self.is_main and cfg.resume == "auto":
+            try:
+                path = self.ckpt.latest()
+            except CheckpointError as err:
+                problem = f"auto: {err}"
+        elif self.is_main and cfg.resume != "never":
             path = Path(cfg.resume)
-        return distributed.broadcast_object(path)
+            if problems := verify(path):
+                problem = f"{path} is not an intact checkpoint: {'; '.join(problems)}"
+        path, problem = distributed.broadcast_object((path, problem))
+        if problem:
+            raise ConfigError("resume", problem)
+        return path
 
     def resume(self) -> None:
         cfg = self.cfg
@@ -415,7 +438,17 @@ def run(cfg: DictConfig, typed: VideoFlashSchema, argv: list[str]) -> int:
         except (stages.MissingStartError, MissingDataError) as err:
             log.error("%s", err)
             return EXIT_CONFIG_ERROR
-        return trainer.fit()
+        except ConfigError as err:
+            log.error("config error: %s", err)
+            return EXIT_CONFIG_ERROR
+        except CheckpointError as err:  # a checkpoint that verified but holds more than data
+            log.error("checkpoint error: %s", err)
+            return EXIT_CONFIG_ERROR
+        try:
+            return trainer.fit()
+        except CheckpointWriteError as err:
+            log.error("checkpoint not written: %s", err)
+            return EXIT_CHECKPOINT_FAILED
     finally:
         trainer.close()
         distributed.shutdown()
