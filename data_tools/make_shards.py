@@ -26,14 +26,18 @@ What it writes under ``--out`` for each set:
 - ``{prefix}-samples.jsonl``: per sample its shard, key, media type, duration, fps, frame count,
   width/height and byte size, for people and tools.
 - ``{prefix}-rejects.jsonl``: every record left out, with the reason (``bad_json``, ``missing_file``,
-  ``empty_file``, ``bad_video``, ``bad_image``, ``bad_span``, ``bad_conversation``, ``bad_record``) and
-  the job goes on.
+  ``empty_file``, ``bad_video``, ``bad_image``, ``bad_span``, ``bad_conversation``, ``bad_record``,
+  ``decoder_crash``, ``decoder_timeout``) and the job goes on.
 - with ``--mix``: ``sources.yaml``, the list of shard sets for ``videoflash.data`` (name, shards, weight).
 
 Every video is opened and decoded (``--probe sparse``: 16 frames spread over the video, the last one
-included; ``--probe full``: every frame) in a pool of worker processes, with a progress bar. Shards are
-planned from the annotation order and file sizes before any probing, written atomically, and each
-finished shard leaves a small ``.done.json`` beside it: a re-run skips shards whose plan is unchanged.
+included; ``--probe full``: every frame) in ``--workers`` supervised child processes
+(:mod:`videoflash.data.isolation`), with a progress bar. A file that kills its probe process (a
+segfault or abort inside the decoder) is rejected as ``decoder_crash`` naming the signal, one whose
+probe runs past ``--probe-timeout`` seconds as ``decoder_timeout``; the process is replaced and the
+job goes on. Shards are planned from the annotation order and file sizes before any probing, written
+atomically, and each finished shard leaves a small ``.done.json`` beside it: a re-run skips shards
+whose plan is unchanged.
 
 **Parts.** ``--part I/N`` plans every shard (the plan only reads annotations and file sizes) but
 builds only the shards ``i`` with ``i % N == I``, each with its ``.done.json``; it writes no index.
@@ -52,12 +56,12 @@ import re
 import sys
 import time
 from dataclasses import dataclass, field
-from multiprocessing import get_context
 
 from tqdm import tqdm
 
 from videoflash.data.conversation import normalize_conversation
 from videoflash.data.decode import IMAGE_EXTENSIONS, MediaError, probe_image, probe_video
+from videoflash.data.isolation import IsolationError, run_ordered
 from videoflash.data.sampling import span_to_frames
 from videoflash.data.shards import INDEX_FORMAT, index_name, offsets_path, samples_name, shard_name, write_offsets
 
@@ -97,6 +101,7 @@ class ShardJob:
     media_type: str | None = None
     probe: str = "sparse"
     workers: int | None = None
+    probe_timeout: float = 600.0
     progress: bool = True
     part: tuple[int, int] = (0, 1)  # (I, N): build only the shards i with i % N == I
 
@@ -108,11 +113,36 @@ class ShardJob:
 def _media_type(rec: dict, forced: str | None) -> str:
     if forced:
         return forced
-    if rec.get("video") is not None:
+    if "video" in rec:
         return "video"
-    if rec.get("image") is not None:
+    if "image" in rec:
         return "image"
     return "text"
+
+
+def _media_paths(rec: dict, field_name: str, root: str) -> list[str] | str:
+    """The paths of ``rec[field_name]`` (a video: one path; images: one path or a list of them), or
+    the message of a ``bad_record`` reject: a missing or null field, a list where a string belongs,
+    a non-string entry, an empty path, or a path that is the media root itself."""
+    if field_name not in rec:
+        return f"no '{field_name}' field (the record is of media type {field_name})"
+    value = rec[field_name]
+    if value is None:
+        return f"'{field_name}' is null (leave the field out for a text-only record)"
+    if field_name == "video" and not isinstance(value, str):
+        return f"'video' must be one path (a string), got {type(value).__name__} {str(value)[:80]}"
+    paths = [value] if isinstance(value, str) else value
+    if not isinstance(paths, list) or not paths:
+        return f"'{field_name}' must be a path or a non-empty list of paths, got {type(value).__name__} {str(value)[:80]}"
+    for k, p in enumerate(paths):
+        where = f"'{field_name}'" + (f"[{k}]" if not isinstance(value, str) else "")
+        if not isinstance(p, str):
+            return f"{where} must be a path (a string), got {type(p).__name__} {str(p)[:80]}"
+        if not p.strip():
+            return f"{where} is an empty path"
+        if root and os.path.normpath(_resolve(root, p)) == os.path.normpath(root):
+            return f"{where} ({p!r}) is the media root itself"
+    return paths
 
 
 def _resolve(root: str, path: str) -> str:
@@ -131,14 +161,9 @@ def _plan_item(i: int, loc: str, rec: dict, job: ShardJob, source: str) -> _Item
     item = _Item(key, loc, rec, mtype)
     if mtype == "text":
         return item
-    field_name = "video" if mtype == "video" else "image"
-    paths = rec.get(field_name)
-    if mtype == "video" and not isinstance(paths, str):
-        return Reject(source, loc, "bad_record", "'video' must be one path", rid)
+    paths = _media_paths(rec, "video" if mtype == "video" else "image", job.media_root)
     if isinstance(paths, str):
-        paths = [paths]
-    if not isinstance(paths, list) or not paths or not all(isinstance(p, str) for p in paths):
-        return Reject(source, loc, "bad_record", f"'{field_name}' must be a path or a list of paths", rid)
+        return Reject(source, loc, "bad_record", paths, rid)
     for p in paths:
         full = _resolve(job.media_root, p)
         if not os.path.exists(full):
@@ -361,13 +386,15 @@ def build_shard_set(job: ShardJob, source: str | None = None) -> dict:
     bar = tqdm(
         total=len(todo) + n_skip, initial=n_skip, desc=f"shards {job.prefix}", unit="sample", disable=not job.progress
     )
-    results = _run(todo, workers)
+    results = _run(todo, workers, job.probe_timeout)
     n_rej = 0
     for i, items, h in pending:
         samples, shard_rejects = [], []
         for it in items:
             out = next(results)
             bar.update()
+            if isinstance(out, IsolationError):
+                out = {"key": it.key, "reject": (out.reason, f"{out} (probing {it.media[0][0] if it.media else it.key})")}
             if "reject" in out:
                 reason, msg = out["reject"]
                 media = it.media[0][0] if it.media else None
@@ -397,6 +424,7 @@ def build_shard_set(job: ShardJob, source: str | None = None) -> dict:
         done = {"plan": h, "name": shard_name(job.prefix, i), "bytes": nbytes, "samples": entries, "rejects": shard_rejects}
         _atomic_json(_done_path(job, i), done)
         plan[i] = (i, items, h, done)
+    results.close()  # ends the probe processes
     bar.close()
     if parts > 1:
         built = [i for i, _, _, _ in mine]
@@ -452,15 +480,11 @@ def _count(values) -> dict:
     return dict(sorted(out.items()))
 
 
-def _run(todo, workers):
-    """Probe results in order (a generator), in a process pool when ``workers > 1``."""
-    if workers <= 1 or len(todo) < 2:
-        for t in todo:
-            yield _probe(t)
-        return
-    ctx = get_context("fork") if sys.platform.startswith("linux") else get_context()
-    with ctx.Pool(workers) as pool:
-        yield from pool.imap(_probe, todo, chunksize=1)
+def _run(todo, workers: int, timeout: float | None, probe=None):
+    """Probe results in the order of ``todo`` (a generator) from ``workers`` supervised probe
+    processes; a probe whose process died or ran past ``timeout`` gives its :class:`IsolationError`.
+    ``probe`` (default :func:`_probe`) is what the processes run on each task."""
+    return run_ordered(probe or _probe, [(t,) for t in todo], max(1, workers), timeout, name="probe process")
 
 
 def shard_pattern(out_dir: str, prefix: str, num_shards: int) -> str:
@@ -532,6 +556,8 @@ def main(argv=None) -> int:
     how = p.add_mutually_exclusive_group()
     how.add_argument("--part", default=None, metavar="I/N", help="build only shards i with i %% N == I (no index)")
     how.add_argument("--merge", action="store_true", help="write the index of a set built with --part")
+    p.add_argument("--probe-timeout", type=float, default=600.0,
+                   help="seconds one sample's probe may take; a slower one is rejected (decoder_timeout)")  # fmt: skip
     a = p.parse_args(argv)
     t0 = time.time()
     part = (0, 1)
@@ -544,6 +570,7 @@ def main(argv=None) -> int:
     common = dict(
         shard_bytes=parse_size(a.shard_size), max_samples=a.max_samples_per_shard, probe=a.probe, workers=a.workers,
         part=part,
+        probe_timeout=a.probe_timeout,
     )  # fmt: skip
     if a.mix:
         sources = build_mix(a.mix, a.out, merge=a.merge, **common)

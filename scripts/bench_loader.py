@@ -7,7 +7,9 @@ Both sides load the same synthetic long videos (``data_tools.synth_videos``: 64-
 DataLoader worker count and one video per batch (stage 3's per-GPU batch):
 
 - **shards** (``videoflash.data``): WebDataset tar shards, decord decodes the mp4 bytes straight at
-  224x224, uint8 frames, plus tokenizing the conversation and collating the batch;
+  224x224 (in each stream's decode child process, the default ``decode_isolation``; ``inline`` with
+  ``--decode-isolation inline``), uint8 frames, plus tokenizing the conversation and collating the
+  batch;
 - **reference** (VideoChat-Flash / LLaVA's path): decord reads the mp4 file at full size, then every
   frame is resized to 224x224 with Pillow's bicubic filter and normalised to float32 in the worker
   (what ``image_processor.preprocess`` does), shipped as float ``[N, 3, 224, 224]``.
@@ -123,6 +125,7 @@ def run_shards(pattern, tokenizer, n, args) -> tuple[float, int, list]:
         num_workers=args.workers,
         shuffle_buffer=1,
         seed=0,
+        decode_isolation=args.decode_isolation,
     )
     loader = build_loader(cfg, tokenizer)
     t0 = time.perf_counter()
@@ -143,6 +146,8 @@ def main(argv=None) -> int:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--decode-isolation", choices=["subprocess", "inline"], default="subprocess",
+                   help="the loader's video decoding: in a child process per stream (default) or inline")  # fmt: skip
     args = p.parse_args(argv)
     if args.num_videos % max(1, args.workers):
         p.error("--num-videos must be a multiple of --workers (each worker reads whole shards)")
@@ -161,7 +166,7 @@ def main(argv=None) -> int:
     n, frames = len(paths), f_ref
     print(
         f"videos: {n} ({frames} frames, {frames / n:.0f} per video, {args.resolution} source, "
-        f"{args.image_size} px out), workers: {args.workers}, cpus: {os.cpu_count()}"
+        f"{args.image_size} px out), workers: {args.workers}, decode: {args.decode_isolation}, cpus: {os.cpu_count()}"
     )
     print(
         f"reference: {n / ref_best:.3f} samples/s {frames / ref_best:.1f} frames/s | "

@@ -85,6 +85,24 @@ def tiny_chat_model(tokenizer, seed: int = 0, **overrides) -> VideoFlashForCondi
     return model
 
 
+def collecting_streamer():
+    """A ``generate`` streamer that records what it is given: the prompt's ids first, then one list
+    of ids per step, then ``"end"``."""
+    from transformers.generation.streamers import BaseStreamer
+
+    class Collect(BaseStreamer):
+        def __init__(self):
+            self.chunks = []
+
+        def put(self, value):
+            self.chunks.append(value.reshape(-1).tolist())
+
+        def end(self):
+            self.chunks.append("end")
+
+    return Collect()
+
+
 # -- a training run directory ------------------------------------------------------------------------------
 
 STAGE3_CONFIG = """\

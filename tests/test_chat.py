@@ -15,7 +15,7 @@ import sys
 import pytest
 import torch
 
-from tests.inference_helpers import tiny_chat_model, tiny_tokenizer, write_mp4
+from tests.inference_helpers import collecting_streamer, tiny_chat_model, tiny_tokenizer, write_mp4
 from videoflash.data.decode import VideoDecoder
 from videoflash.model.processing_videoflash import VideoFlashProcessor
 
@@ -95,19 +95,7 @@ def test_chat_answers_as_greedy_full_forwards_and_keeps_history(tok, model, vide
 
 
 def test_chat_streams_the_same_answer(tok, model, video):
-    from transformers.generation.streamers import BaseStreamer
-
-    class Collect(BaseStreamer):
-        def __init__(self):
-            self.chunks = []
-
-        def put(self, value):
-            self.chunks.append(value.reshape(-1).tolist())
-
-        def end(self):
-            self.chunks.append("end")
-
-    streamer = Collect()
+    streamer = collecting_streamer()
     proc = _processor(tok, model)
     answer = model.chat(str(video), "What color is the shape?", processor=proc, streamer=streamer, max_new_tokens=6)
     assert streamer.chunks[-1] == "end"

@@ -129,6 +129,11 @@ def test_validation_errors_name_their_key():
     with pytest.raises(ConfigError) as err:
         validate(cfg)
     assert err.value.key == "stage.global_batch_size"
+    for key, value in (("decode_isolation", "thread"), ("decode_timeout_s", 0.0)):
+        cfg = compose(["stage=2", f"data.{key}={value}"], check=False)
+        with pytest.raises(ConfigError) as err:
+            validate(cfg)
+        assert err.value.key == f"data.{key}"
 
 
 def test_per_stage_resolver_picks_the_stage_value():

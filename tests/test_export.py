@@ -285,6 +285,11 @@ CLEAN_SCRIPT = textwrap.dedent("""
     new = out[0, inputs["input_ids"].shape[1]:]
     answer, history = model.chat(video, question, processor=processor, max_new_tokens=8, return_history=True)
     follow = model.chat(video, "Where does it move?", history=history, max_new_tokens=8)  # processor from the dir
+    # the chunked-prefill engine ships in the export too (budget above the prompt: the same answer)
+    kv_answer = model.chat(video, question, processor=processor, max_new_tokens=8, kv_compression="adaretake",
+                           kv_budget=10**6, kv_options={"chunk_frames": 4})
+    x2l_answer = model.chat(video, question, processor=processor, max_new_tokens=8, kv_compression="videox2l",
+                            kv_options={"chunk_frames": 4, "top_k": 1})
     causal = AutoModelForCausalLM.from_pretrained(export, trust_remote_code=True)
     from transformers import AutoModelForImageTextToText
     itt = AutoModelForImageTextToText.from_pretrained(export, trust_remote_code=True)
@@ -301,6 +306,9 @@ CLEAN_SCRIPT = textwrap.dedent("""
         "generated": new.tolist(),
         "answer": answer,
         "follow": follow,
+        "kv_answer": kv_answer,
+        "x2l_answer": x2l_answer,
+        "engine_module": type(model._videoflash_kv_engine).__module__,
     }))
 """)
 
@@ -350,6 +358,8 @@ def test_export_answers_about_an_mp4_in_a_clean_environment(clean_python, export
     assert got["generated"] == expected
     assert got["answer"] == tok.decode(expected, skip_special_tokens=True).strip()
     assert isinstance(got["follow"], str)
+    assert got["kv_answer"] == got["answer"] and isinstance(got["x2l_answer"], str)
+    assert got["engine_module"].startswith("transformers_modules.")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -334,3 +334,48 @@ def test_cli_parts_and_merge(media, tmp_path, capsys):
     assert "3 samples in 4 shards, 1 rejected" in capsys.readouterr().out  # a shard of one reject is empty
     with pytest.raises(SystemExit):
         main(args + ["--part", "2/2"])
+
+
+MALFORMED = [
+    # (id, media fields, words the message must hold)
+    ("v_empty", {"video": ""}, ["'video'", "empty path"]),
+    ("v_blank", {"video": "  "}, ["'video'", "empty path"]),
+    ("v_list", {"video": ["v.mp4"]}, ["'video'", "one path", "list"]),
+    ("v_null", {"video": None}, ["'video'", "null"]),
+    ("v_int", {"video": 7}, ["'video'", "one path", "int"]),
+    ("v_root", {"video": "."}, ["'video'", "media root"]),
+    ("v_root2", {"video": "sub/.."}, ["'video'", "media root"]),
+    ("i_empty", {"image": ""}, ["'image'", "empty path"]),
+    ("i_list_empty", {"image": [""]}, ["'image'[0]", "empty path"]),
+    ("i_no_paths", {"image": []}, ["'image'", "non-empty list"]),
+    ("i_mixed", {"image": ["a.png", 3]}, ["'image'[1]", "int"]),
+    ("i_none_entry", {"image": ["a.png", None]}, ["'image'[1]", "NoneType"]),
+    ("i_null", {"image": None}, ["'image'", "null"]),
+    ("i_dict", {"image": {"path": "a.png"}}, ["'image'", "dict"]),
+]
+
+
+def test_malformed_media_fields_are_bad_records(tmp_path):
+    # the media root itself looks like a folder of frames: a record that pointed at it would make a
+    # video of it instead of being rejected
+    root = tmp_path / "root"
+    (root / "sub").mkdir(parents=True)
+    for k in range(1, 4):
+        (root / f"frame_{k}.png").write_bytes(png_bytes(16, 16))
+    (root / "a.png").write_bytes(png_bytes(16, 16))
+    (root / "v.mp4").write_bytes(index_video(16, 8.0, size=32))
+    rows = [{"id": rid, **fields, "conversations": _conv()} for rid, fields, _ in MALFORMED]
+    rows.append({"id": "ok_video", "video": "v.mp4", "conversations": _conv()})
+    rows.append({"id": "ok_images", "image": ["a.png", "a.png"], "conversations": _conv()})
+    (tmp_path / "ann.json").write_text(json.dumps(rows))
+    job = ShardJob(annotations=[str(tmp_path / "ann.json")], media_root=str(root), out_dir=str(tmp_path / "out"),
+                   prefix="m", workers=1, progress=False)  # fmt: skip
+    index = build_shard_set(job)
+    assert index["total"] == 2 and index["reject_reasons"] == {"bad_record": len(MALFORMED)}
+    with open(tmp_path / "out" / "m-rejects.jsonl") as f:
+        rejects = {r["record_id"]: r for r in map(json.loads, f)}
+    assert set(rejects) == {rid for rid, _, _ in MALFORMED}
+    for rid, _, words in MALFORMED:
+        assert rejects[rid]["reason"] == "bad_record"
+        for w in words:
+            assert w in rejects[rid]["message"], (rid, rejects[rid]["message"])

@@ -121,6 +121,10 @@ class DataSchema:
     # null: a fixed number of samples per micro-batch (stage.micro_batch_size); otherwise the
     # loader packs micro-batches up to this many tokens (text + visual)
     max_batch_tokens: Optional[int] = None
+    # videos decode in a child process per loader stream, so that a file that crashes or hangs the
+    # native decoder costs one sample (docs/data.md, "Decoder isolation"); "inline" opts out
+    decode_isolation: str = "subprocess"
+    decode_timeout_s: float = 120.0
     synthetic: Optional[SynthSchema] = None
 
 

@@ -117,6 +117,8 @@ def validate(cfg: DictConfig) -> VideoFlashSchema:
     _positive("data.num_samples", d.num_samples)
     _positive("data.num_workers", d.num_workers, allow_zero=True)
     _positive("data.max_batch_tokens", d.max_batch_tokens)
+    _choice("data.decode_isolation", d.decode_isolation, ("subprocess", "inline"))
+    _positive("data.decode_timeout_s", d.decode_timeout_s)
 
     # -- engine ----------------------------------------------------------------------------------
     ds = c.deepspeed

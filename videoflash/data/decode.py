@@ -44,6 +44,9 @@ class MediaError(ValueError):
         super().__init__(message)
         self.reason = reason
 
+    def __reduce__(self):  # pickles whole (it comes back from decode child processes)
+        return type(self), (self.reason, str(self))
+
 
 def _decord():
     import decord  # imported lazily: workers import it once, the main process may never need it

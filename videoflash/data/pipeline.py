@@ -19,7 +19,10 @@ index (``{prefix}-index.json``):
    when their turn comes, so the window costs no memory.
 4. **Decode in the worker**: frame indices from the stage's policy, decord at the target size, images,
    the conversation with the placeholder and time message, labels. A sample that fails anywhere is
-   logged (rate-limited), counted per reason and per shard, and skipped.
+   logged (rate-limited), counted per reason and per shard, and skipped. Videos are decoded in a
+   child process of the stream (:mod:`.isolation`, ``decode_isolation="subprocess"``): a file that
+   crashes decord (segfault, abort) or hangs past ``decode_timeout_s`` is skipped as
+   ``decoder_crash`` / ``decoder_timeout`` and the child is replaced.
 5. **Batches under a token budget**: samples are taken in stream order while
    ``batch_size * longest_sample <= max_tokens_per_batch`` (a sample's length counts its visual tokens,
    ``tokens_per_frame * frames + tokens_per_image * tiles``, plus its text tokens); a batch closes when
@@ -59,6 +62,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from .collate import Sample, collate
 from .conversation import ConversationTokenizer, normalize_conversation, place_placeholder, time_message
 from .decode import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, MediaError, VideoDecoder, decode_image, image_tiles
+from .isolation import Isolated, IsolationError
 from .sampling import frame_indices, parse_policy, span_to_frames
 from .shards import CountingFile, expand_shards, index_path_for, load_offsets, parse_sample, scan_offsets
 from .units import Plan, UnitTable, replan, window_samples
@@ -130,6 +134,13 @@ class LoaderConfig:
         shuffle_buffer: samples per shuffle window (rounded up to whole units; 1: stream order).
         log_every: log the first bad sample of each reason, then every ``log_every``-th.
         max_consecutive_errors: a stream that meets this many bad samples in a row stops with an error.
+    Decoding:
+        decode_threads: decord's threads per video.
+        decode_isolation: ``subprocess`` (default): each stream decodes its videos in one child
+            process, so that a native crash or a hang costs one sample (``decoder_crash``,
+            ``decoder_timeout``) instead of the run; ``inline``: in the stream's own process.
+        decode_timeout_s: seconds one video may take to decode before its child is killed
+            (``subprocess`` only).
     """
 
     sources: list = field(default_factory=list)
@@ -159,6 +170,8 @@ class LoaderConfig:
     decode_threads: int = 1
     log_every: int = 100
     max_consecutive_errors: int = 1000
+    decode_isolation: str = "subprocess"
+    decode_timeout_s: float = 120.0
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first bad field."""
@@ -182,6 +195,12 @@ class LoaderConfig:
             raise ValueError(f"LoaderConfig.conversation_format must be 'chatml' or 'plain', got {self.conversation_format!r}")
         if self.samples_per_epoch is not None and int(self.samples_per_epoch) < 1:
             raise ValueError(f"LoaderConfig.samples_per_epoch must be >= 1 or None, got {self.samples_per_epoch!r}")
+        if self.decode_isolation not in ("subprocess", "inline"):
+            raise ValueError(
+                f"LoaderConfig.decode_isolation must be 'subprocess' or 'inline', got {self.decode_isolation!r}"
+            )
+        if not float(self.decode_timeout_s) > 0:
+            raise ValueError(f"LoaderConfig.decode_timeout_s must be > 0, got {self.decode_timeout_s!r}")
         if not self.sources:
             raise ValueError("LoaderConfig.sources is empty")
 
@@ -373,6 +392,32 @@ def _merge_counts(dst: dict, snap: dict) -> dict:
 
 
 # --------------------------------------------------------------------------------------------------
+# decoding a video (in the stream's decode child, or inline)
+
+
+def _decode_video(data: bytes, cfg: LoaderConfig, start, end):
+    """The frames a sample's video gives under the stage's policy, and the seconds they span:
+    ``(uint8 [N, S, S, 3] array, seconds)``. Raises :class:`MediaError`."""
+    dec = VideoDecoder(data, size=cfg.image_size, num_threads=cfg.decode_threads)
+    try:
+        first, stop = span_to_frames(dec.num_frames, dec.fps, start, end)
+        idx = frame_indices(dec.num_frames, dec.fps, cfg.frame_policy, cfg.min_frames, cfg.max_frames,
+                            start=start, end=end, local_num_frames=cfg.local_num_frames)  # fmt: skip
+    except ValueError as exn:
+        raise MediaError("bad_span", str(exn)) from None
+    return dec.frames(idx).numpy(), (stop - first) / dec.fps
+
+
+def _video_decoder(cfg: LoaderConfig, g: int) -> Isolated | None:
+    """The decode child of stream ``g`` (forked at its first video: a stream holds no sample data
+    between reads, and streams built only to plan or seek never fork), or None when
+    ``decode_isolation`` is ``inline``."""
+    if cfg.decode_isolation == "inline":
+        return None
+    return Isolated(_decode_video, timeout=float(cfg.decode_timeout_s), name=f"decode process of stream {g}")
+
+
+# --------------------------------------------------------------------------------------------------
 # one stream
 
 
@@ -404,6 +449,7 @@ class _Stream:
         self._scanned_sources: set = set()
         self.bytes_read = 0  # bytes read from shard files (offsets files excluded)
         self.bytes_used = 0  # bytes of the samples consumed (read, then batched or skipped)
+        self.decoder = _video_decoder(cfg, g)
 
     # -- the raw stream: units -> samples by seek (deterministic, no decoding) ---------------------
     def _file(self, url: str) -> CountingFile:
@@ -505,17 +551,14 @@ class _Stream:
                 name = files[0] if files else next((e for e in VIDEO_EXTENSIONS if e in raw), None)
                 if name is None:
                     raise SkipSample("missing_media", "no video bytes in the sample")
-                dec = VideoDecoder(raw[name], size=cfg.image_size, num_threads=cfg.decode_threads)
+                task = (raw[name], cfg, rec.get("start"), rec.get("end"))
                 try:
-                    first, stop = span_to_frames(dec.num_frames, dec.fps, rec.get("start"), rec.get("end"))
-                    idx = frame_indices(dec.num_frames, dec.fps, cfg.frame_policy, cfg.min_frames, cfg.max_frames,
-                                        start=rec.get("start"), end=rec.get("end"),
-                                        local_num_frames=cfg.local_num_frames)  # fmt: skip
-                except ValueError as exn:
-                    raise SkipSample("bad_span", str(exn)) from None
-                frames = dec.frames(idx)
+                    arr, seconds = _decode_video(*task) if self.decoder is None else self.decoder.call(*task)
+                except IsolationError as exn:
+                    raise SkipSample(exn.reason, str(exn)) from None
+                frames = torch.from_numpy(arr)
                 if cfg.time_message:
-                    tmsg = time_message((stop - first) / dec.fps, len(idx))
+                    tmsg = time_message(seconds, int(frames.shape[0]))
             elif media_type == "image":
                 names = files or sorted(k for k in raw if k.split(".")[-1] in IMAGE_EXTENSIONS and not k.startswith("__"))
                 if not names:

@@ -8,7 +8,10 @@ reading questions from stdin until an empty line or end of input. Long videos: f
 ``--decode-batch-frames`` at a time and encoded ``--max-clips-per-batch`` clips at a time; ``--yarn``
 extends the LLM's context; ``--visual-dropout published`` drops visual tokens inside the LLM as
 VideoChat-Flash's inference setting (after layer 4 keep 0.75 uniformly, after layer 18 keep 0.25
-text-guided).
+text-guided). ``--kv-compression adaretake`` prefills the video in chunks of ``--kv-chunk-frames``
+frames and keeps each chunk's KV cache to the tokens the question attends to most, within
+``--kv-budget`` tokens of context; ``--kv-compression videox2l`` keeps two compressed KVs per chunk
+and reloads the chunks relevant to each question in detail (the prefill is shared by the turns).
 """
 
 from __future__ import annotations
@@ -39,6 +42,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--end", type=float, help="end of the span to sample (seconds)")
     p.add_argument("--visual-dropout", metavar="SPEC",
                    help="published | none | 'layer:ratio:kind,...' (default: the checkpoint's config)")
+    p.add_argument("--kv-compression", choices=["adaretake", "videox2l"],
+                   help="chunked prefill with KV-cache compression (default: none)")
+    p.add_argument("--kv-budget", type=int, metavar="TOKENS", help="AdaReTaKe: tokens of context (default 16000)")
+    p.add_argument("--kv-chunk-frames", type=int, default=32, metavar="N", help="frames per prefill chunk")
+    p.add_argument("--kv-positions", choices=["keep", "reforge"], help="AdaReTaKe: position handling (default keep)")
+    p.add_argument("--kv-top-k", type=int, metavar="K", help="Video-X²L: chunks reloaded in detail (default 3)")
+    p.add_argument("--kv-max-guide-length", type=int, metavar="N",
+                   help="AdaReTaKe: guide each chunk with the last N tokens of the question only")
     p.add_argument("--yarn", type=float, metavar="FACTOR", help="YaRN rope scaling factor for long contexts")
     p.add_argument("--yarn-original", type=int, metavar="N", help="native context for YaRN (default: the LLM's)")
     p.add_argument("--max-new-tokens", type=int, default=512)
@@ -121,6 +132,16 @@ def main(argv: list[str] | None = None, stdin=None, stdout=None) -> int:
     else:
         gen.update(do_sample=False)
     history: list[dict] = []
+    kv = {}
+    if args.kv_compression:
+        options = {"chunk_frames": args.kv_chunk_frames}
+        if args.kv_positions:
+            options["positions"] = args.kv_positions
+        if args.kv_top_k is not None:
+            options["top_k"] = args.kv_top_k
+        if args.kv_max_guide_length is not None:
+            options["max_guide_length"] = args.kv_max_guide_length
+        kv = {"kv_compression": args.kv_compression, "kv_budget": args.kv_budget, "kv_options": options}
 
     def questions():
         yield from args.questions
@@ -142,7 +163,8 @@ def main(argv: list[str] | None = None, stdin=None, stdout=None) -> int:
                 min_frames=args.min_frames, start=args.start, end=args.end,
                 images=args.image if args.image else None, return_history=True,
                 visual_dropout=args.visual_dropout, streamer=streamer,
-                max_clips_per_batch=args.max_clips_per_batch, decode_batch_frames=args.decode_batch_frames, **gen,
+                max_clips_per_batch=args.max_clips_per_batch, decode_batch_frames=args.decode_batch_frames,
+                **kv, **gen,
             )
         except (FileNotFoundError, ValueError) as exn:
             print(f"error: {exn}", file=sys.stderr)
@@ -154,7 +176,12 @@ def main(argv: list[str] | None = None, stdin=None, stdout=None) -> int:
             cache = getattr(model, "_videoflash_visual_cache", None)
             frames = cache[2].num_sampled if cache else 0
             tokens = cache[1].shape[0] if cache else 0
-            print(f"[{time.perf_counter() - t0:.2f} s; {frames} frames, {tokens} visual tokens]", file=sys.stderr)
+            kept = ""
+            engine = getattr(model, "_videoflash_kv_engine", None) if kv else None
+            if engine is not None:
+                lengths = [engine.cache.layer_length(i) for i in range(len(engine.cache.layers))]
+                kept = f"; KV cache {min(lengths)}..{max(lengths)} tokens per layer ({args.kv_compression})"
+            print(f"[{time.perf_counter() - t0:.2f} s; {frames} frames, {tokens} visual tokens{kept}]", file=sys.stderr)
     if args.json:
         stdout.write(json.dumps(history, ensure_ascii=False) + "\n")
     return 0

@@ -42,6 +42,9 @@ __all__ = [
     "chat",
 ]
 
+#: ``generate`` arguments the chunked-prefill decoder understands (kv_compression)
+_COMPRESSED_GENERATE_KEYS = ("max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "eos_token_id")
+
 #: VideoChat-Flash's recommended opt-in for long inputs (HF card): ``llm_compress_layer_list=[4, 18]``,
 #: ``llm_image_token_ratio_list=[1, 0.75, 0.25]``, ``uniform0_attention``.
 PUBLISHED_DROPOUT = {"layers": [4, 18], "keep_ratios": [0.75, 0.25], "kinds": ["uniform", "text"]}
@@ -322,6 +325,9 @@ def chat(
     visual_dropout_spec=None,
     max_clips_per_batch: int = 16,
     decode_batch_frames: int = 64,
+    kv_compression=None,
+    kv_budget: int | None = None,
+    kv_options: dict | None = None,
     **generate_kwargs,
 ):
     """See ``VideoFlashForConditionalGeneration.chat``."""
@@ -368,11 +374,58 @@ def chat(
         )
 
     with visual_dropout(model.config, visual_dropout_spec), torch.no_grad():
-        out = model.generate(**inputs, **visual, streamer=streamer, **gen)
-    new_tokens = out[0, inputs["input_ids"].shape[1]:]
+        if kv_compression is None:
+            out = model.generate(**inputs, **visual, streamer=streamer, **gen)
+            new_tokens = out[0, inputs["input_ids"].shape[1]:]
+        else:
+            if "video_embeds" not in visual:
+                raise ValueError("kv_compression compresses a video's KV cache; this turn has no video")
+            new_tokens = _compressed_generate(model, inputs["input_ids"], visual["video_embeds"], kv_compression,
+                                              kv_budget, kv_options, streamer, gen, _video_key_of(model))
     answer = tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
     if not return_history:
         return answer
     new_history = [dict(m) for m in (history or [])]
     new_history += [{"role": "user", "content": str(question)}, {"role": "assistant", "content": answer}]
     return answer, new_history
+
+
+def _video_key_of(model):
+    cached = getattr(model, "_videoflash_visual_cache", None)
+    return cached[0] if cached is not None else None
+
+
+def _compressed_generate(model, input_ids, video_embeds, spec, budget, options, streamer, gen, video_key):
+    """The answer's token ids by chunked prefill under a KV-compression policy (chunked_prefill.py).
+
+    Video-X²L's prefill does not depend on the question: it is kept on the model for the next turn
+    about the same video (same file, same frames, same text before the video)."""
+    from .chunked_prefill import ChunkedPrefillEngine, VideoX2L, make_policy, videoflash_input
+
+    unknown = sorted(k for k in gen if k not in _COMPRESSED_GENERATE_KEYS and k != "pad_token_id")
+    if unknown:
+        raise ValueError(f"with kv_compression, generation takes only {', '.join(_COMPRESSED_GENERATE_KEYS)}; "
+                         f"got {', '.join(unknown)}")
+    options = dict(options or {})
+    policy = make_policy(spec, budget=budget, **options)
+    inp, decoder = videoflash_input(model, input_ids, video_embeds, policy.chunk_frames)
+    engine = ChunkedPrefillEngine(decoder, policy)
+    if isinstance(policy, VideoX2L):
+        prefix = tuple(input_ids[0, : inp.video_start + 1].tolist())
+        schedule = tuple(sorted(decoder.dropout.items()))
+        key = (video_key, prefix, schedule, decoder.dropout_position, policy.alpha_low, policy.alpha_high,
+               policy.score, policy.chunk_frames)
+        stored = getattr(model, "_videoflash_kv_store", None)
+        if video_key is not None and stored is not None and stored[0] == key:
+            store = stored[1]
+        else:
+            model._videoflash_kv_store = None  # free the previous video's store first
+            store = engine.prefill_video(inp)
+            model._videoflash_kv_store = (key, store) if video_key is not None else None
+        logits = engine.answer(store, inp)
+    else:
+        logits = engine.prefill(inp)
+    args = {k: v for k, v in gen.items() if k in _COMPRESSED_GENERATE_KEYS}
+    tokens = engine.generate(logits, streamer=streamer, prompt_ids=input_ids, **args)
+    model._videoflash_kv_engine = engine  # its cache and policy, for statistics (the CLI's --stats)
+    return torch.tensor(tokens, dtype=torch.long)

@@ -620,6 +620,9 @@ class VideoFlashForConditionalGeneration(VideoFlashPreTrainedModel, GenerationMi
         generation_config: dict | None = None,
         max_clips_per_batch: int = 16,
         decode_batch_frames: int = 64,
+        kv_compression=None,
+        kv_budget: int | None = None,
+        kv_options: dict | None = None,
         **kwargs,
     ):
         """Answer ``question`` about ``video`` (a path, bytes or uint8 frames; None for text only).
@@ -631,6 +634,12 @@ class VideoFlashForConditionalGeneration(VideoFlashPreTrainedModel, GenerationMi
         ``return_history=True``); the video's tokens are reused across turns of the same file.
         ``visual_dropout``: None (the config's setting), ``"published"`` (after layer 4 keep 0.75
         uniformly, after layer 18 keep 0.25 text-guided), ``"none"``, or ``"4:0.75:uniform,..."``.
+        ``kv_compression``: None (the whole prompt is prefilled at once), ``"adaretake"`` (the video
+        is prefilled in chunks of 32 frames, each chunk's KV cache kept to the tokens the question
+        attends to most, ``kv_budget`` tokens of context in all, default 16000) or ``"videox2l"``
+        (two compressed KVs per chunk, the chunks relevant to each question reloaded in detail; the
+        prefill is reused by later turns about the same video); ``kv_options`` are the policy's
+        settings (see ``chunked_prefill.AdaReTaKe`` / ``VideoX2L``, e.g. ``{"chunk_frames": 16}``).
         ``streamer`` (e.g. ``transformers.TextStreamer``) receives tokens as they are generated.
         Other keyword arguments: ``min_frames``, ``start``/``end`` (seconds), ``images`` (instead of a
         video), and ``generate`` arguments (``max_new_tokens``, ``do_sample``, ...).
@@ -641,7 +650,8 @@ class VideoFlashForConditionalGeneration(VideoFlashPreTrainedModel, GenerationMi
             self, video, question, processor=processor, history=history, max_frames=max_frames,
             return_history=return_history, visual_dropout_spec=visual_dropout, streamer=streamer,
             generation_config=generation_config, max_clips_per_batch=max_clips_per_batch,
-            decode_batch_frames=decode_batch_frames, **kwargs,
+            decode_batch_frames=decode_batch_frames, kv_compression=kv_compression, kv_budget=kv_budget,
+            kv_options=kv_options, **kwargs,
         )
 
     # -- construction from parts ----------------------------------------------------------------------

@@ -84,6 +84,8 @@ def loader_config(cfg: VideoFlashSchema, model_config, world_size: int):
         num_workers=data.num_workers,
         seed=cfg.seed + 1000 * stage.id,
         shuffle_buffer=data.shuffle_buffer,
+        decode_isolation=data.decode_isolation,
+        decode_timeout_s=data.decode_timeout_s,
     ), samples
 
 
