@@ -9,14 +9,22 @@ Usage::
     # a data mix (videochat_flash.md section 4.1): one shard set per source + a loader source list
     python -m data_tools.make_shards --mix configs/mix.yaml --out shards/mix
 
+    # the same job split over 4 machines (same options, one --part each), then the index
+    python -m data_tools.make_shards --annotations ... --out shards/synth --part 0/4   # ... 3/4
+    python -m data_tools.make_shards --annotations ... --out shards/synth --merge
+
 What it writes under ``--out`` for each set:
 
 - ``{prefix}-000000.tar ...``: each sample is ``{key}.json`` (the record plus probed ``media_type``,
   ``duration``, ``fps``, ``num_frames``, ``width``, ``height``) and the media bytes unchanged under their
   extension (``{key}.mp4``, ``{key}.jpg``, several images as ``{key}.0.jpg``, ``{key}.1.png``). A folder
   of frames (or a GIF) becomes one H.264 mp4 at its frame rate.
-- ``{prefix}-index.json``: samples per shard, the total, and per sample its duration, fps, frame count,
-  width/height and byte size.
+- ``{prefix}-index.json``: the compact summary the loader reads: per shard its name, samples and
+  bytes; the total; the reject count by reason (never a per-sample table).
+- ``{shard}.offsets.npy`` per shard: each sample's byte offset and length in the tar, so that the
+  loader reads a sample by one seek (:mod:`videoflash.data.shards`).
+- ``{prefix}-samples.jsonl``: per sample its shard, key, media type, duration, fps, frame count,
+  width/height and byte size, for people and tools.
 - ``{prefix}-rejects.jsonl``: every record left out, with the reason (``bad_json``, ``missing_file``,
   ``empty_file``, ``bad_video``, ``bad_image``, ``bad_span``, ``bad_conversation``, ``bad_record``,
   ``decoder_crash``, ``decoder_timeout``) and the job goes on.
@@ -30,6 +38,12 @@ probe runs past ``--probe-timeout`` seconds as ``decoder_timeout``; the process 
 job goes on. Shards are planned from the annotation order and file sizes before any probing, written
 atomically, and each finished shard leaves a small ``.done.json`` beside it: a re-run skips shards
 whose plan is unchanged.
+
+**Parts.** ``--part I/N`` plans every shard (the plan only reads annotations and file sizes) but
+builds only the shards ``i`` with ``i % N == I``, each with its ``.done.json``; it writes no index.
+N parts can run on N machines into one shared folder; ``--merge`` (the same options, no part) then
+checks that every shard is done under the current plan and writes the index, the samples table and
+the rejects from the done files: the same files as one run.
 """
 
 from __future__ import annotations
@@ -49,12 +63,12 @@ from videoflash.data.conversation import normalize_conversation
 from videoflash.data.decode import IMAGE_EXTENSIONS, MediaError, probe_image, probe_video
 from videoflash.data.isolation import IsolationError, run_ordered
 from videoflash.data.sampling import span_to_frames
-from videoflash.data.shards import INDEX_FORMAT, index_name, shard_name
+from videoflash.data.shards import INDEX_FORMAT, index_name, offsets_path, samples_name, shard_name, write_offsets
 
 from .annotations import MixEntry, Reject, apply_sampling_strategy, load_mix, parse_size, read_annotation_file
 from .media import encode_frame_folder, encode_gif
 
-__all__ = ["ShardJob", "build_shard_set", "build_mix", "main"]
+__all__ = ["ShardJob", "build_shard_set", "merge_shard_set", "build_mix", "main"]
 
 _KEY_SAFE = re.compile(r"[^A-Za-z0-9_-]+")
 
@@ -89,6 +103,7 @@ class ShardJob:
     workers: int | None = None
     probe_timeout: float = 600.0
     progress: bool = True
+    part: tuple[int, int] = (0, 1)  # (I, N): build only the shards i with i % N == I
 
 
 # --------------------------------------------------------------------------------------------------
@@ -290,7 +305,8 @@ def _media_bytes(files):
 
 
 def _write_shard(path: str, samples: list[tuple[str, dict, list]]) -> int:
-    """Write ``samples`` ([(key, record, files)]) to ``path`` atomically; returns the byte size."""
+    """Write ``samples`` ([(key, record, files)]) to ``path`` atomically, then its offsets file (from
+    the finished tar's headers, so that it describes the bytes on disk); returns the byte size."""
     import webdataset as wds
 
     tmp = f"{path}.tmp{os.getpid()}"
@@ -302,6 +318,9 @@ def _write_shard(path: str, samples: list[tuple[str, dict, list]]) -> int:
                     s[name] = data
                 sink.write(s)
     os.replace(tmp, path)
+    offsets = write_offsets(path)
+    if len(offsets) != len(samples):
+        raise RuntimeError(f"{path}: wrote {len(samples)} samples but its headers show {len(offsets)}")
     return os.path.getsize(path)
 
 
@@ -316,29 +335,52 @@ def _atomic_json(path: str, obj, lines: bool = False):
     os.replace(tmp, path)
 
 
-def build_shard_set(job: ShardJob, source: str | None = None) -> dict:
-    """Build (or finish) one shard set; returns its index (also written to ``{prefix}-index.json``)."""
-    source = source or job.prefix
-    os.makedirs(job.out_dir, exist_ok=True)
+def _done_path(job: ShardJob, i: int) -> str:
+    return os.path.join(job.out_dir, shard_name(job.prefix, i) + ".done.json")
+
+
+def _planned(job: ShardJob, source: str):
+    """The plan of a set: ``([(i, items, plan hash, done record or None)], rejects of planning)``; a
+    shard's done record counts only if its tar exists and its plan is unchanged."""
     if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", job.prefix):
         raise ValueError(f"prefix {job.prefix!r}: use letters, digits, '_', '-', '.'")
     shards, rejects = _plan(job, source)
-    done_path = lambda i: os.path.join(job.out_dir, shard_name(job.prefix, i) + ".done.json")  # noqa: E731
     plan = []
-    pending = []
     for i, items in enumerate(shards):
         h = _plan_hash(items, job)
         done = None
         tar = os.path.join(job.out_dir, shard_name(job.prefix, i))
-        if os.path.exists(done_path(i)) and os.path.exists(tar):
-            with open(done_path(i)) as f:
+        if os.path.exists(_done_path(job, i)) and os.path.exists(tar):
+            with open(_done_path(job, i)) as f:
                 done = json.load(f)
             if done.get("plan") != h:
                 done = None
         plan.append((i, items, h, done))
-        if done is None:
-            pending.append((i, items, h))
-    n_skip = sum(len(items) for _, items, _, d in plan if d is not None)
+    return plan, rejects
+
+
+def _add_missing_offsets(job: ShardJob, done_shards) -> None:
+    """Offsets files for finished shards of a set made before they existed (from the tar headers)."""
+    for i in done_shards:
+        tar = os.path.join(job.out_dir, shard_name(job.prefix, i))
+        if not os.path.exists(offsets_path(tar)):
+            write_offsets(tar)
+
+
+def build_shard_set(job: ShardJob, source: str | None = None) -> dict:
+    """Build (or finish) one shard set, or this job's part of it; returns the index (also written to
+    ``{prefix}-index.json``), or for a part of several a summary of what it built. Run on a set made
+    before offsets files and the compact index, it adds both without rebuilding a shard."""
+    source = source or job.prefix
+    part, parts = job.part
+    if not 0 <= part < parts:
+        raise ValueError(f"part {part}/{parts}: need 0 <= I < N")
+    os.makedirs(job.out_dir, exist_ok=True)
+    plan, rejects = _planned(job, source)
+    mine = [(i, items, h, d) for i, items, h, d in plan if i % parts == part]
+    pending = [(i, items, h) for i, items, h, d in mine if d is None]
+    _add_missing_offsets(job, [i for i, _, _, d in mine if d is not None])
+    n_skip = sum(len(items) for _, items, _, d in mine if d is not None)
     workers = job.workers if job.workers is not None else min(8, os.cpu_count() or 1)
     todo = [(it, job.probe == "full", job.frames_fps) for _, items, _ in pending for it in items]
     bar = tqdm(
@@ -380,30 +422,52 @@ def build_shard_set(job: ShardJob, source: str | None = None) -> dict:
                 }
             )
         done = {"plan": h, "name": shard_name(job.prefix, i), "bytes": nbytes, "samples": entries, "rejects": shard_rejects}
-        _atomic_json(done_path(i), done)
+        _atomic_json(_done_path(job, i), done)
         plan[i] = (i, items, h, done)
     results.close()  # ends the probe processes
     bar.close()
+    if parts > 1:
+        built = [i for i, _, _, _ in mine]
+        return {"prefix": job.prefix, "part": [part, parts], "shards": built, "num_shards": len(plan),
+                "total": sum(len(plan[i][3]["samples"]) for i in built)}  # fmt: skip
+    return _write_index(job, source, plan, rejects)
 
+
+def merge_shard_set(job: ShardJob, source: str | None = None) -> dict:
+    """Write the index of a set built in parts (``--part I/N``) from its done files; every shard must
+    be done under the current plan (the error names those that are not)."""
+    source = source or job.prefix
+    plan, rejects = _planned(job, source)
+    missing = [shard_name(job.prefix, i) for i, _, _, done in plan if done is None]
+    _add_missing_offsets(job, [i for i, _, _, done in plan if done is not None])
+    if missing:
+        raise RuntimeError(f"{len(missing)} of {len(plan)} shards of {job.prefix} are not built under the current "
+                           f"plan (run their --part again): {', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''}")  # fmt: skip
+    return _write_index(job, source, plan, rejects)
+
+
+def _write_index(job: ShardJob, source: str, plan, rejects) -> dict:
+    """``{prefix}-index.json`` (compact), ``{prefix}-samples.jsonl`` and ``{prefix}-rejects.jsonl``."""
     index = {
         "format": INDEX_FORMAT,
         "prefix": job.prefix,
         "source": source,
         "num_shards": len(plan),
         "shards": [],
-        "samples": [],
         "total": 0,
         "rejects": 0,
     }
+    rows = []
     all_rejects = [r.to_json() for r in rejects]
     for i, _, _, done in plan:
         index["shards"].append({"name": done["name"], "num_samples": len(done["samples"]), "bytes": done["bytes"]})
         for s in done["samples"]:
-            index["samples"].append({"shard": i, **{k: v for k, v in s.items() if v is not None}})
+            rows.append({"shard": i, **{k: v for k, v in s.items() if v is not None}})
         all_rejects.extend(done["rejects"])
-    index["total"] = len(index["samples"])
+    index["total"] = len(rows)
     index["rejects"] = len(all_rejects)
     index["reject_reasons"] = _count(r["reason"] for r in all_rejects)
+    _atomic_json(os.path.join(job.out_dir, samples_name(job.prefix)), rows, lines=True)
     _atomic_json(os.path.join(job.out_dir, f"{job.prefix}-rejects.jsonl"), all_rejects, lines=True)
     _atomic_json(os.path.join(job.out_dir, index_name(job.prefix)), index)
     return index
@@ -430,8 +494,10 @@ def shard_pattern(out_dir: str, prefix: str, num_shards: int) -> str:
     return os.path.join(out_dir, f"{prefix}-{{{0:06d}..{num_shards - 1:06d}}}.tar")
 
 
-def build_mix(mix_path: str, out_dir: str, **opts) -> list[dict]:
-    """Build one shard set per source of a mix YAML and write ``sources.yaml`` for the loader."""
+def build_mix(mix_path: str, out_dir: str, merge: bool = False, **opts) -> list[dict]:
+    """Build one shard set per source of a mix YAML and write ``sources.yaml`` for the loader; with
+    ``part=(I, N)``, N > 1, only this part of every set (no index, no ``sources.yaml``: the list of
+    part summaries is returned); with ``merge=True``, the indexes of sets built in parts."""
     import yaml
 
     entries: list[MixEntry] = load_mix(mix_path)
@@ -448,7 +514,10 @@ def build_mix(mix_path: str, out_dir: str, **opts) -> list[dict]:
             media_type=e.media_type,
             **opts,
         )
-        idx = build_shard_set(job, source=e.prefix)
+        idx = merge_shard_set(job, source=e.prefix) if merge else build_shard_set(job, source=e.prefix)
+        if job.part[1] > 1 and not merge:
+            sources.append(idx)
+            continue
         sources.append(
             {
                 "name": e.prefix,
@@ -457,6 +526,8 @@ def build_mix(mix_path: str, out_dir: str, **opts) -> list[dict]:
                 "num_samples": idx["total"],
             }
         )
+    if opts.get("part", (0, 1))[1] > 1 and not merge:
+        return sources
     tmp = os.path.join(out_dir, "sources.yaml.tmp")
     with open(tmp, "w") as f:
         yaml.safe_dump({"sources": sources}, f, sort_keys=False)
@@ -482,16 +553,31 @@ def main(argv=None) -> int:
     p.add_argument("--frames-fps", type=float, default=1.0, help="rate of folders of frames (--annotations)")
     p.add_argument("--probe", choices=["sparse", "full"], default="sparse", help="decode 16 frames or all")
     p.add_argument("--workers", type=int, default=None, help="probing processes (default: up to 8)")
+    how = p.add_mutually_exclusive_group()
+    how.add_argument("--part", default=None, metavar="I/N", help="build only shards i with i %% N == I (no index)")
+    how.add_argument("--merge", action="store_true", help="write the index of a set built with --part")
     p.add_argument("--probe-timeout", type=float, default=600.0,
                    help="seconds one sample's probe may take; a slower one is rejected (decoder_timeout)")  # fmt: skip
     a = p.parse_args(argv)
     t0 = time.time()
+    part = (0, 1)
+    if a.part is not None:
+        try:
+            part = tuple(int(x) for x in a.part.split("/"))
+            assert len(part) == 2 and 0 <= part[0] < part[1]
+        except (ValueError, AssertionError):
+            p.error(f"--part {a.part}: expected I/N with 0 <= I < N, e.g. 0/4")
     common = dict(
         shard_bytes=parse_size(a.shard_size), max_samples=a.max_samples_per_shard, probe=a.probe, workers=a.workers,
+        part=part,
         probe_timeout=a.probe_timeout,
-    )
+    )  # fmt: skip
     if a.mix:
-        sources = build_mix(a.mix, a.out, **common)
+        sources = build_mix(a.mix, a.out, merge=a.merge, **common)
+        if part[1] > 1:
+            print(f"part {part[0]}/{part[1]}: {sum(len(s['shards']) for s in sources)} shards built "
+                  f"({time.time() - t0:.1f}s); run --merge when every part is done")  # fmt: skip
+            return 0
         total = sum(s["num_samples"] for s in sources)
         print(f"{len(sources)} sources, {total} samples -> {os.path.join(a.out, 'sources.yaml')} ({time.time() - t0:.1f}s)")
         return 0
@@ -506,7 +592,15 @@ def main(argv=None) -> int:
         frames_fps=a.frames_fps,
         **common,
     )
-    idx = build_shard_set(job)
+    try:
+        idx = merge_shard_set(job) if a.merge else build_shard_set(job)
+    except RuntimeError as exn:
+        print(f"error: {exn}", file=sys.stderr)
+        return 2
+    if part[1] > 1:
+        print(f"part {part[0]}/{part[1]}: {len(idx['shards'])} of {idx['num_shards']} shards, {idx['total']} samples "
+              f"({time.time() - t0:.1f}s); run --merge when every part is done")  # fmt: skip
+        return 0
     print(
         f"{idx['total']} samples in {idx['num_shards']} shards, {idx['rejects']} rejected "
         f"{json.dumps(idx['reject_reasons'])} -> {shard_pattern(a.out, prefix, idx['num_shards'])} "

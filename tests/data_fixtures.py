@@ -96,9 +96,21 @@ def write_index(out_dir: str, prefix: str, counts: list[int]) -> str:
         "num_shards": len(counts),
         "total": sum(counts),
         "shards": [{"name": shard_name(prefix, i), "num_samples": n, "bytes": 0} for i, n in enumerate(counts)],
-        "samples": [],
     }
     path = os.path.join(out_dir, index_name(prefix))
     with open(path, "w") as f:
         json.dump(idx, f)
     return path
+
+
+def tar_record_bytes(path: str) -> dict:
+    """``{sample key: bytes its members take in the tar}`` (headers and 512-byte blocks), read with the
+    standard library: what reading exactly that sample costs."""
+    import tarfile
+
+    out: dict = {}
+    with tarfile.open(path) as tf:
+        for m in tf.getmembers():
+            key = m.name.split(".", 1)[0]
+            out[key] = out.get(key, 0) + (m.offset_data - m.offset) + -(-m.size // 512) * 512
+    return out

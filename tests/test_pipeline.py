@@ -10,6 +10,7 @@ import torch
 from tests.data_fixtures import frame_ids, index_video, png_bytes, qa, record, tokenizer, write_index, write_tar  # noqa: F401
 from videoflash.data import DataSource, LoaderConfig, build_loader
 from videoflash.data.collate import BATCH_KEYS
+from videoflash.data.shards import write_offsets
 from videoflash.data.tokenizer import IMAGE_TOKEN
 
 S = 32  # frame / tile size of every test
@@ -30,10 +31,13 @@ def txt(key):
     return {"__key__": key, "json": record(key, "text")}
 
 
-def make_set(tmp_path, prefix, shards):
-    """Write shards (lists of samples) and their index; return the brace pattern."""
+def make_set(tmp_path, prefix, shards, offsets=True):
+    """Write shards (lists of samples), their index and (unless ``offsets=False``, as in shard sets
+    made before index format 2) their offsets files; return the brace pattern."""
     for i, samples in enumerate(shards):
-        write_tar(str(tmp_path / f"{prefix}-{i:06d}.tar"), samples)
+        path = write_tar(str(tmp_path / f"{prefix}-{i:06d}.tar"), samples)
+        if offsets:
+            write_offsets(path)
     write_index(str(tmp_path), prefix, [len(s) for s in shards])
     return str(tmp_path / f"{prefix}-{{000000..{len(shards) - 1:06d}}}.tar")
 
@@ -266,13 +270,18 @@ def test_two_ranks_two_workers_disjoint_and_complete(eight_shards, tokenizer):
         assert not {k.split("_")[0] for k in w0} & {k.split("_")[0] for k in w1}
 
 
-def test_fewer_shards_than_streams_split_by_sample(tmp_path, tokenizer):
-    # 2 shards, 4 streams: every stream reads both and keeps every 4th sample of the pass
+def test_fewer_shards_than_streams_split_by_units(tmp_path, tokenizer):
+    # 2 shards of 6, units of 3 samples: 4 units for 4 streams; each stream reads its unit only
     pattern = make_set(tmp_path, "two", [[vid(f"a{k}") for k in range(6)], [vid(f"b{k}") for k in range(6)]])
     seen = []
     for rank in range(2):
-        c = cfg(pattern, max_batch_size=1, shuffle_buffer=1, batches_per_epoch=6, num_workers=2)
-        seen += [k for b in take(build_loader(c, tokenizer, rank=rank, world_size=2)) for k in b["keys"]]
+        c = cfg(pattern, max_batch_size=1, shuffle_buffer=1, unit_samples=3, batches_per_epoch=6, num_workers=2)
+        loader = build_loader(c, tokenizer, rank=rank, world_size=2)
+        keys = [k for b in take(loader) for k in b["keys"]]
+        # each worker's share is whole units: 3 consecutive samples of one shard, in order
+        for w in (keys[0::2], keys[1::2]):
+            assert len({k[0] for k in w}) == 1 and [int(k[1]) for k in w] in ([0, 1, 2], [3, 4, 5])
+        seen += keys
     assert sorted(seen) == sorted([f"a{k}" for k in range(6)] + [f"b{k}" for k in range(6)])
 
 
@@ -285,9 +294,9 @@ def test_disjoint_with_shuffling(eight_shards, tokenizer):
     assert len(seen) == 12 and len(set(seen)) == 12
 
 
-def test_resampled_mode_is_deterministic_per_rank(eight_shards, tokenizer):
+def test_stream_order_is_a_function_of_seed_and_rank(eight_shards, tokenizer):
     def keys(rank, seed):
-        c = cfg(eight_shards, shard_mode="resampled", batches_per_epoch=4, num_workers=2, seed=seed)
+        c = cfg(eight_shards, unit_samples=2, batches_per_epoch=4, num_workers=2, seed=seed)
         return [k for b in take(build_loader(c, tokenizer, rank=rank, world_size=2)) for k in b["keys"]]
 
     a = keys(0, 5)
@@ -322,9 +331,10 @@ def resume_set(tmp_path_factory):
         s.insert(2, {"__key__": f"bad{i}", "json": record(f"bad{i}", "video"), "mp4": b"\x00" * 64})
         s.append(txt(f"t{i}"))
         shards.append(s)
-    pattern = make_set(d, "res", shards)
-    # damaged shards: a garbage header before the last sample; Python's tarfile silently stops there,
-    # and the sample the index promised but the tar did not give is counted (missing_in_tar)
+    pattern = make_set(d, "res", shards, offsets=False)
+    # damaged shards of a set made before offsets files: a garbage header before the last sample;
+    # the walk over the tar headers stops there, and the sample the index promised but the tar did not
+    # give is counted (missing_in_tar)
     for i in range(5):
         path = d / f"res-{i:06d}.tar"
         data = bytearray(path.read_bytes())
@@ -393,8 +403,10 @@ def test_config_validation(mixed_set, tokenizer):
         build_loader(cfg(mixed_set, max_frames=10), tokenizer)
     with pytest.raises(ValueError, match="frame policy"):
         build_loader(cfg(mixed_set, frame_policy="everything"), tokenizer)
-    with pytest.raises(ValueError, match="shard_mode"):
-        build_loader(cfg(mixed_set, shard_mode="sequential"), tokenizer)
+    with pytest.raises(ValueError, match="samples_per_epoch"):
+        build_loader(cfg(mixed_set, samples_per_epoch=0), tokenizer)
+    with pytest.raises(ValueError, match="unit_samples"):
+        build_loader(cfg(mixed_set, unit_samples=0), tokenizer)
     with pytest.raises(ValueError, match="rank"):
         build_loader(cfg(mixed_set), tokenizer, rank=2, world_size=2)
 

@@ -194,3 +194,24 @@ def test_a_damaged_latest_resumes_from_the_previous_checkpoint_and_a_crafted_one
     assert sorted(after) == list(range(5, STEPS + 1))
     for step, loss in after.items():
         assert loss == pytest.approx(reference[step], rel=1e-6, abs=1e-7), f"step {step}"
+
+
+def test_resume_with_another_worker_count_keeps_the_data_position(tmp_path, tiny_overrides, ds_env):
+    """A run stopped after step 4 and resumed with 1 DataLoader worker instead of none: the loader
+    gets every rank's state and deals out the rest of the data epoch (not a fresh epoch)."""
+    run_root = tmp_path / "run"
+    metrics = run_root / "stage2" / "metrics.jsonl"
+
+    def cli(*extra):
+        return ["stage=2", "stage.init=parts",
+                *tiny_overrides(run_root, steps=12, extra=("train.checkpoint_every=4", *extra))]  # fmt: skip
+
+    proc = torchrun(cli("train.stop_after_steps=4"), ds_env)
+    out, _ = proc.communicate(timeout=400)  # the ranks exit 75, which torchrun reports as a failure
+    assert "stopped after step 4 with a checkpoint" in out, out[-4000:]
+    assert (run_root / "stage2" / "checkpoints" / "latest").read_text().strip() == "step_00000004"
+    proc = torchrun(cli("resume=auto", "data.num_workers=1"), ds_env)
+    out, _ = proc.communicate(timeout=400)
+    assert proc.returncode == 0, out[-4000:]
+    assert "loader: 2 ranks x 0 workers -> 2 x 1 in epoch 0" in out, out[-4000:]
+    assert sorted(losses(metrics)) == list(range(1, 13))  # every step once

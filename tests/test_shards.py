@@ -2,6 +2,7 @@
 rejected with their reason, the index is right, a re-run skips finished shards, mixes follow their
 sampling strategies."""
 
+import io
 import json
 import os
 import tarfile
@@ -11,8 +12,8 @@ import pytest
 import yaml
 
 from data_tools.annotations import apply_sampling_strategy, load_mix, parse_size, read_annotation_file
-from data_tools.make_shards import ShardJob, build_mix, build_shard_set, main
-from tests.data_fixtures import frame_ids, index_video, png_bytes, qa
+from data_tools.make_shards import ShardJob, build_mix, build_shard_set, main, merge_shard_set
+from tests.data_fixtures import frame_ids, index_video, png_bytes, qa, tar_record_bytes
 from videoflash.data.decode import VideoDecoder
 
 
@@ -110,6 +111,11 @@ def built(media, tmp_path_factory):
     return job, out, index
 
 
+def _samples_table(out, prefix="mix"):
+    with open(out / f"{prefix}-samples.jsonl") as f:
+        return [json.loads(line) for line in f]
+
+
 def _tar_samples(path):
     """{key: {ext: bytes}} read back with the standard library (independent of webdataset)."""
     out = {}
@@ -160,8 +166,9 @@ def test_probed_metadata(built):
     img2 = recs["img2"][1]
     assert img2["media_type"] == "image" and img2["num_images"] == 2 and img2["image_sizes"] == [[60, 40], [20, 20]]
     assert (recs["img1"][1]["width"], recs["img1"][1]["height"]) == (60, 40)
-    # the index repeats the per-sample metadata and where each sample is
-    where = {s["key"]: s for s in index["samples"]}
+    # the samples table repeats the per-sample metadata and where each sample is; the index does not
+    assert "samples" not in index
+    where = {s["key"]: s for s in _samples_table(out)}
     for rid, (key, rec, _) in recs.items():
         assert where[key]["media_type"] == rec["media_type"]
         if rec["media_type"] == "video":
@@ -202,12 +209,19 @@ def test_rerun_skips_finished_shards(built):
     before = {p: os.stat(out / p).st_mtime_ns for p in tars}
     again = build_shard_set(job)
     assert {p: os.stat(out / p).st_mtime_ns for p in tars} == before
-    assert again["samples"] == index["samples"] and again["rejects"] == index["rejects"]
+    assert again == index
     # a shard without its completion marker is rebuilt, and only that one
     os.remove(out / (tars[1] + ".done.json"))
     build_shard_set(job)
     after = {p: os.stat(out / p).st_mtime_ns for p in tars}
     assert [p for p in tars if after[p] != before[p]] == [tars[1]]
+    # a set made before offsets files gets them from its tars, without a shard rebuilt
+    offsets = {p: (out / (p + ".offsets.npy")).read_bytes() for p in tars}
+    for p in tars:
+        os.remove(out / (p + ".offsets.npy"))
+    build_shard_set(job)
+    assert {p: os.stat(out / p).st_mtime_ns for p in tars} == after
+    assert {p: (out / (p + ".offsets.npy")).read_bytes() for p in tars} == offsets
 
 
 def test_sampling_strategies_by_hand():
@@ -264,6 +278,62 @@ def test_cli(media, tmp_path, capsys):
     assert "3 samples in 1 shards, 1 rejected" in capsys.readouterr().out
     with open(tmp_path / "imgs-index.json") as f:
         assert json.load(f)["total"] == 3
+
+
+def test_offsets_files_locate_every_sample(built):
+    # independent expectation (tarfile's member list): a sample starts at its first member's header
+    # and takes its members' headers and 512-byte data blocks
+    _, out, index = built
+    for sh in index["shards"]:
+        path = out / sh["name"]
+        with tarfile.open(path) as tf:
+            firsts = {}
+            for m in tf.getmembers():
+                firsts.setdefault(m.name.split(".", 1)[0], m.offset)
+        offsets = np.load(str(path) + ".offsets.npy")
+        assert offsets.dtype == np.int64 and offsets.shape == (sh["num_samples"], 2)
+        sizes = tar_record_bytes(str(path))
+        assert [tuple(r) for r in offsets.tolist()] == [(firsts[k], sizes[k]) for k in firsts]
+        data = path.read_bytes()
+        for (start, length), (key, members) in zip(offsets.tolist(), _tar_samples(path).items()):
+            with tarfile.open(fileobj=io.BytesIO(data[start : start + length])) as tf:
+                assert {m.name: tf.extractfile(m).read() for m in tf} == {f"{key}.{e}": v for e, v in members.items()}
+
+
+def _set_files(out, prefix):
+    """Every file of a set, by name, with its bytes (done files hold no time stamps)."""
+    return {p: (out / p).read_bytes() for p in sorted(os.listdir(out)) if p.startswith(prefix)}
+
+
+def test_parts_merge_into_the_same_set_as_one_run(media, tmp_path):
+    def job(out, part=(0, 1)):
+        return ShardJob(annotations=[str(media / "a.jsonl"), str(media / "b.json")], media_root=str(media),
+                        out_dir=str(out), prefix="mix", shard_bytes=8 * 1024, frames_fps=2.0, workers=1,
+                        progress=False, part=part)  # fmt: skip
+
+    whole = build_shard_set(job(tmp_path / "one"))
+    assert whole["num_shards"] >= 3
+    for i in (2, 0):  # parts run in any order, each builds only its own shards and writes no index
+        got = build_shard_set(job(tmp_path / "three", (i, 3)))
+        assert got["shards"] == list(range(i, whole["num_shards"], 3))
+        assert not (tmp_path / "three" / "mix-index.json").exists()
+    with pytest.raises(RuntimeError, match="mix-000001.tar"):  # part 1 is missing
+        merge_shard_set(job(tmp_path / "three"))
+    build_shard_set(job(tmp_path / "three", (1, 3)))
+    assert merge_shard_set(job(tmp_path / "three")) == whole
+    assert _set_files(tmp_path / "three", "mix") == _set_files(tmp_path / "one", "mix")
+
+
+def test_cli_parts_and_merge(media, tmp_path, capsys):
+    args = ["--annotations", str(media / "b.json"), "--media-root", str(media), "--out", str(tmp_path),
+            "--prefix", "imgs", "--workers", "1", "--shard-size", "1k"]  # fmt: skip
+    assert main(args + ["--part", "1/2"]) == 0
+    assert main(args + ["--merge"]) == 2 and "imgs-000000.tar" in capsys.readouterr().err
+    assert main(args + ["--part", "0/2"]) == 0
+    assert main(args + ["--merge"]) == 0
+    assert "3 samples in 4 shards, 1 rejected" in capsys.readouterr().out  # a shard of one reject is empty
+    with pytest.raises(SystemExit):
+        main(args + ["--part", "2/2"])
 
 
 MALFORMED = [

@@ -119,9 +119,9 @@ class DataSchema:
     root: str = MISSING  # where the corpus (annotations, media, shards) lives
     sources: List[SourceSchema] = field(default_factory=list)
     heldout: Optional[str] = None  # held-out annotations with known answers (synthetic corpus)
-    num_samples: Optional[int] = None  # samples in one epoch of the mix; null = read the shard index
+    num_samples: Optional[int] = None  # samples in one epoch of the mix (the loader's samples_per_epoch); null = read the shard index
     num_workers: int = 2
-    shuffle_buffer: int = 1000
+    shuffle_buffer: int = 1000  # samples per shuffle window of the loader (rounded up to whole units)
     # null: a fixed number of samples per micro-batch (stage.micro_batch_size); otherwise the
     # loader packs micro-batches up to this many tokens (text + visual)
     max_batch_tokens: Optional[int] = None

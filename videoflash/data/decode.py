@@ -15,6 +15,7 @@ few frames it keeps with the bicubic resize of ``anyres``.
 from __future__ import annotations
 
 import io
+import re
 from functools import lru_cache
 
 import numpy as np
@@ -46,6 +47,15 @@ class MediaError(ValueError):
 
     def __reduce__(self):  # pickles whole (it comes back from decode child processes)
         return type(self), (self.reason, str(self))
+
+
+_DECORD_CLOCK = re.compile(r"^\[\d\d:\d\d:\d\d\] ")
+
+
+def _decord_message(exn: Exception) -> str:
+    """The first line of a decord error without the wall-clock prefix its logger adds (``[07:30:29]``),
+    so that the same file gets the same reject message on every run."""
+    return _DECORD_CLOCK.sub("", str(exn).splitlines()[0] if str(exn) else type(exn).__name__)[:200]
 
 
 def _decord():
@@ -136,7 +146,7 @@ class VideoDecoder:
             self.num_frames = len(self._vr)
             self.fps = float(self._vr.get_avg_fps())
         except Exception as exn:  # decord raises RuntimeError / DECORDError / AssertionError
-            raise MediaError("bad_video", f"cannot open the video: {str(exn).splitlines()[0][:200]}") from exn
+            raise MediaError("bad_video", f"cannot open the video: {_decord_message(exn)}") from exn
         if self.num_frames < 1 or not self.fps > 0:
             raise MediaError("bad_video", f"the video reports {self.num_frames} frames at {self.fps} fps")
 
@@ -156,7 +166,7 @@ class VideoDecoder:
             # DLPack hands decord's buffer to torch without a copy
             got = torch.utils.dlpack.from_dlpack(self._vr.get_batch(uniq).to_dlpack())
         except Exception as exn:
-            raise MediaError("bad_video", f"cannot decode frames: {str(exn).splitlines()[0][:200]}") from exn
+            raise MediaError("bad_video", f"cannot decode frames: {_decord_message(exn)}") from exn
         finally:
             try:
                 self._vr.seek(0)

@@ -1,20 +1,22 @@
-"""The streaming loader: WebDataset shards -> token-budget batches, with exact resume.
+"""The streaming loader: tar shards -> token-budget batches, with constant-cost, exact resume.
 
 Per rank, the loader runs ``W = max(1, num_workers)`` *streams*, one per DataLoader worker; over all
-ranks there are ``S = world_size * W`` streams, stream ``g = rank * W + w``. A stream is a pure
-function of ``(seed, epoch, g)`` and the shard files:
+ranks there are ``S = world_size * W`` streams, stream ``g = rank * W + w``. What a stream reads is
+decided by :mod:`.units`, a pure function of the seed, the epoch and the shard sizes of the compact
+index (``{prefix}-index.json``):
 
-1. **Shards per source.** Each source's brace-expanded shard list is an infinite sequence of passes.
-   ``shard_mode="partitioned"`` (default): pass ``p`` is a permutation of the shards seeded by
-   ``(seed, epoch, source, p)`` that every stream computes alike, and stream ``g`` reads the shards at
-   positions ``g, g+S, g+2S, ...`` of it (with fewer shards than streams, every stream reads every
-   shard and keeps the samples ``j`` with ``j % S == g``), so within a pass the streams see disjoint
-   samples. ``shard_mode="resampled"``: open_clip's resampling, shards drawn with replacement by a
-   per-stream generator.
-2. **Mixing.** Each next sample comes from source ``i`` with probability proportional to
-   ``weight_i * num_samples_i`` (sizes from the shard index), i.e. with weights 1 the sources mix as
-   if concatenated, as LLaVA does; other weights up- or down-sample a source.
-3. **Shuffle** of undecoded samples (raw bytes) in a buffer bounded by a sample count and by bytes.
+1. **Units and epochs.** Each source's shards are cut into *units* of up to ``unit_samples``
+   consecutive samples; a source is an endless run of seeded permutations of its units; an epoch
+   takes each source's share of ``samples_per_epoch`` (``weight_i * num_samples_i`` of the mix, so
+   weights 1 mix the sources as if concatenated, as LLaVA does) and deals the units in a seeded
+   order. Unit ``t`` of the epoch goes to stream ``t mod S``.
+2. **Reading by seeking.** A stream reads each sample of its units with one seek and one read of
+   exactly its bytes (the offsets come from ``{shard}.offsets.npy``, or from one walk over the tar
+   headers for older shard sets), so the bytes read are the bytes of the samples used, whatever the
+   number of streams per shard (:mod:`.shards`).
+3. **Shuffle** within a window of ``ceil(shuffle_buffer / unit_samples)`` units of the stream, by a
+   permutation seeded by the window's unit ids (``shuffle_buffer=1``: no shuffle). Samples are read
+   when their turn comes, so the window costs no memory.
 4. **Decode in the worker**: frame indices from the stage's policy, decord at the target size, images,
    the conversation with the placeholder and time message, labels. A sample that fails anywhere is
    logged (rate-limited), counted per reason and per shard, and skipped. Videos are decoded in a
@@ -27,26 +29,31 @@ function of ``(seed, epoch, g)`` and the shard files:
    the next sample would break the budget (that sample opens the next batch) or when it reaches
    ``max_batch_size``. A sample longer than ``max_sample_tokens`` is skipped (``too_long``).
 6. Every stream yields exactly ``ceil(batches_per_epoch / W)`` batches per epoch, so every rank yields
-   the same number of batches (DataLoader workers are served round robin).
+   the same number of batches (DataLoader workers are served round robin). A stream that has used
+   the last unit of the epoch reads on into the next epoch's units rather than stopping.
 
-**Exact resume.** Each batch carries its stream's position: the number of raw (shuffled, undecoded)
-samples consumed before the next batch starts. The main process records, for every stream, the
-position and batch count of the last batch it handed out, plus the epoch and the batches handed out
-in it. A loader rebuilt with that state regenerates each stream of the epoch, passes over the first
-``position`` raw samples without decoding them, and rotates worker ids so that the round robin
-continues with the stream that was next. The replay reads (does not decode) the shards already
-consumed in the current epoch, which bounds its cost by the epoch size.
+**Resume in constant time.** Each batch carries its stream's position ``(window, offset)`` after it.
+The main process records, for every stream, the position and batch count of the last batch it
+handed out, plus the epoch's plan (how units are dealt to streams). A loader rebuilt with that state
+recomputes one window's permutation per stream and reads on from the offset: nothing before it is
+read again, whatever the position in the epoch. DataLoader worker ids are rotated so that the round
+robin continues with the stream that was next: the batches are the same as without the interruption.
+
+**Another world size or worker count.** The state is a global description: given the states of all
+old ranks (``load_state_dict([state_rank0, state_rank1, ...])``), every new rank computes the same
+new plan (:func:`.units.replan`): what the old streams consumed is done, the ragged rest between the
+lowest and the highest frontier is split evenly over the new streams first, then the epoch goes on
+with the new stride; the old ranks' remaining batches of the epoch are spread over the new ranks.
+Every sample of the epoch is read exactly once over the whole run.
 """
 
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import logging
 import math
 import os
-import random
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -57,7 +64,8 @@ from .conversation import ConversationTokenizer, normalize_conversation, place_p
 from .decode import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, MediaError, VideoDecoder, decode_image, image_tiles
 from .isolation import Isolated, IsolationError
 from .sampling import frame_indices, parse_policy, span_to_frames
-from .shards import expand_shards, index_path_for, iter_tar_samples
+from .shards import CountingFile, expand_shards, index_path_for, load_offsets, parse_sample, scan_offsets
+from .units import Plan, UnitTable, replan, window_samples
 
 __all__ = [
     "DataSource",
@@ -67,11 +75,12 @@ __all__ = [
     "load_sources",
     "resolve_sources",
     "SkipSample",
+    "OlderLoaderState",
 ]
 
 log = logging.getLogger("videoflash.data")
 
-STATE_VERSION = 1
+STATE_VERSION = 2
 
 
 # --------------------------------------------------------------------------------------------------
@@ -116,11 +125,13 @@ class LoaderConfig:
         max_batch_size: samples per batch at most.
         max_sample_tokens: longer samples are skipped (default: ``max_tokens_per_batch``).
         batches_per_epoch: batches per rank per epoch (rounded up to a multiple of the worker count).
-    Streaming:
+    Streaming (see :mod:`.units`):
         num_workers: DataLoader workers (= streams per rank); 0 runs one stream in-process.
-        seed: the seed of every shard order, mix draw and shuffle.
-        shard_mode: ``partitioned`` (disjoint streams within a pass) | ``resampled``.
-        shuffle_buffer, shuffle_buffer_bytes: bounds of the undecoded-sample shuffle buffer.
+        seed: the seed of every unit order, mix draw and shuffle.
+        samples_per_epoch: samples one epoch deals out (default: the whole weighted mix); smaller
+            values walk through a web-scale mix over several epochs.
+        unit_samples: consecutive samples of a shard dealt as one unit.
+        shuffle_buffer: samples per shuffle window (rounded up to whole units; 1: stream order).
         log_every: log the first bad sample of each reason, then every ``log_every``-th.
         max_consecutive_errors: a stream that meets this many bad samples in a row stops with an error.
     Decoding:
@@ -151,9 +162,9 @@ class LoaderConfig:
     batches_per_epoch: int = 1000
     num_workers: int = 2
     seed: int = 0
-    shard_mode: str = "partitioned"
+    samples_per_epoch: int | None = None
+    unit_samples: int = 8
     shuffle_buffer: int = 1000
-    shuffle_buffer_bytes: int = 1 << 30
     prefetch_factor: int = 2
     pin_memory: bool = False
     decode_threads: int = 1
@@ -167,7 +178,7 @@ class LoaderConfig:
         parse_policy(self.frame_policy)
         pos = (
             "image_size", "max_frames", "local_num_frames", "max_image_grid", "max_tokens_per_batch",
-            "max_batch_size", "batches_per_epoch", "shuffle_buffer", "shuffle_buffer_bytes", "log_every",
+            "max_batch_size", "batches_per_epoch", "shuffle_buffer", "unit_samples", "log_every",
             "max_consecutive_errors", "decode_threads",
         )  # fmt: skip
         for name in pos:
@@ -182,8 +193,8 @@ class LoaderConfig:
             raise ValueError(f"LoaderConfig.image_mode must be 'square' or 'anyres', got {self.image_mode!r}")
         if self.conversation_format not in ("chatml", "plain"):
             raise ValueError(f"LoaderConfig.conversation_format must be 'chatml' or 'plain', got {self.conversation_format!r}")
-        if self.shard_mode not in ("partitioned", "resampled"):
-            raise ValueError(f"LoaderConfig.shard_mode must be 'partitioned' or 'resampled', got {self.shard_mode!r}")
+        if self.samples_per_epoch is not None and int(self.samples_per_epoch) < 1:
+            raise ValueError(f"LoaderConfig.samples_per_epoch must be >= 1 or None, got {self.samples_per_epoch!r}")
         if self.decode_isolation not in ("subprocess", "inline"):
             raise ValueError(
                 f"LoaderConfig.decode_isolation must be 'subprocess' or 'inline', got {self.decode_isolation!r}"
@@ -196,6 +207,10 @@ class LoaderConfig:
     @property
     def sample_token_limit(self) -> int:
         return int(self.max_sample_tokens or self.max_tokens_per_batch)
+
+    @property
+    def window_units(self) -> int:
+        return max(1, -(-int(self.shuffle_buffer) // int(self.unit_samples)))
 
 
 def load_sources(path: str) -> list[DataSource]:
@@ -226,19 +241,22 @@ def load_sources(path: str) -> list[DataSource]:
 
 @dataclass
 class _Resolved:
-    """A source ready for the streams: expanded shard urls and its size."""
+    """A source ready for the streams: expanded shard paths, samples per shard, its size and weight."""
 
     name: str
     urls: list
     weight: float
     num_samples: int
-    shard_sizes: list = field(default_factory=list)  # samples per url from the index (None: unknown)
+    shard_sizes: list = field(default_factory=list)  # samples per url (from the index, or counted)
 
 
 def resolve_sources(sources) -> list[_Resolved]:
     """Expand the shard patterns of ``sources`` (a list of :class:`DataSource` / dicts / patterns, or
-    a ``sources.yaml`` path) and read their sizes; each result has ``name``, ``urls``, ``weight``,
-    ``num_samples``."""
+    a ``sources.yaml`` path) and read their sizes from the compact index; each result has ``name``,
+    ``urls``, ``weight``, ``num_samples`` (the source's share in the mix) and ``shard_sizes``.
+
+    A shard the index does not list (or a set without an index) is counted from its tar headers,
+    with a log line."""
     if isinstance(sources, str):
         sources = load_sources(sources)
     out = []
@@ -248,28 +266,50 @@ def resolve_sources(sources) -> list[_Resolved]:
         if isinstance(s, str):
             s = DataSource(shards=s)
         urls = _expand_with_index(s.shards)
-        size = s.num_samples
+        for u in urls:
+            if "://" in u or u.startswith("pipe:"):
+                raise ValueError(f"source {s.name or i}: {u}: the loader reads shards by seeking, "
+                                 "so they must be local or mounted files")  # fmt: skip
         name = s.name
         idx_path = index_path_for(urls)
-        per_shard = [None] * len(urls)
+        known = {}
         if idx_path is not None:
-            sizes = _shard_sizes(idx_path)
-            per_shard = [sizes.get(os.path.basename(u)) for u in urls]
-            if size is None:
-                size = sum(n or 0 for n in per_shard)
+            known = _shard_sizes(idx_path)
             if name is None:
                 name = os.path.basename(idx_path)[: -len("-index.json")]
-        if size is None:
-            log.warning("source %s: no index beside %s; weighting it by its shard count", s.name or i, urls[0])
-            size = len(urls)
+        per_shard = [known.get(os.path.basename(u)) for u in urls]
+        missing = [k for k, n in enumerate(per_shard) if n is None]
+        if missing:
+            log.warning("source %s: %d of %d shards are not in an index beside %s; counting their samples "
+                        "from the tar headers", name or i, len(missing), len(urls), urls[0])  # fmt: skip
+            for k in missing:
+                per_shard[k] = _count_samples(urls[k])
+        size = s.num_samples if s.num_samples is not None else sum(per_shard)
         if not s.weight >= 0:
             raise ValueError(f"source {name or i}: weight must be >= 0, got {s.weight}")
         out.append(_Resolved(name or f"source{i}", urls, float(s.weight), int(size), per_shard))
-    if not any(r.weight * r.num_samples > 0 for r in out):
+    if not any(r.weight * r.num_samples > 0 and sum(r.shard_sizes) > 0 for r in out):
         raise ValueError("every source has zero weight or zero samples")
     return out
 
 
+def _count_samples(url: str) -> int:
+    """Samples in one tar shard, from its offsets file or its headers (0 if it cannot be read)."""
+    offsets = load_offsets(url)
+    if offsets is not None:
+        return len(offsets)
+    try:
+        f = CountingFile(url)
+    except OSError as exn:
+        log.warning("cannot open shard %s (%s): counted as empty", url, exn)
+        return 0
+    try:
+        return len(scan_offsets(f))
+    except ValueError as exn:  # not a tar at all (a damaged one counts the samples before the damage)
+        log.warning("cannot read the headers of %s (%s): counted as empty", url, exn)
+        return 0
+    finally:
+        f.close()
 
 
 def _expand_with_index(spec) -> list[str]:
@@ -288,20 +328,18 @@ def _expand_with_index(spec) -> list[str]:
 
 
 def _shard_sizes(index_path: str) -> dict:
-    """``{shard file name: samples}`` from ``{prefix}-index.json`` (only its ``shards`` list is used)."""
+    """``{shard file name: samples}`` from ``{prefix}-index.json`` (only its ``shards`` list is read)."""
     with open(index_path) as f:
         idx = json.load(f)
     return {s["name"]: int(s["num_samples"]) for s in idx.get("shards", [])}
 
 
-def _seed(*parts) -> int:
-    """A 64-bit seed from any parts, identical in every process (unlike ``hash``)."""
-    h = hashlib.blake2b(repr(parts).encode(), digest_size=8)
-    return int.from_bytes(h.digest(), "little")
-
-
 # --------------------------------------------------------------------------------------------------
 # bad samples
+
+
+class OlderLoaderState(ValueError):
+    """A loader state of another :data:`STATE_VERSION` (an older videoflash's stream layout)."""
 
 
 class SkipSample(Exception):
@@ -320,15 +358,12 @@ class BadSampleCounter:
         self.where = where
         self.by_reason: dict[str, int] = {}
         self.by_shard: dict[str, dict[str, int]] = {}
-        self.muted = False
 
     @property
     def total(self) -> int:
         return sum(self.by_reason.values())
 
     def record(self, reason: str, shard: str, key: str | None, message: str, count: int = 1) -> None:
-        if self.muted:
-            return
         before = self.by_reason.get(reason, 0)
         n = before + count
         self.by_reason[reason] = n
@@ -336,15 +371,6 @@ class BadSampleCounter:
         per[reason] = per.get(reason, 0) + count
         if before == 0 or n // self.log_every > before // self.log_every:
             log.warning("%sskipped sample %s in %s (%s, #%d): %s", self.where, key, shard, reason, n, message)
-
-    def handler(self, shard: str):
-        """A webdataset-style handler: count tar read errors of ``shard`` and continue."""
-
-        def handle(exn: Exception) -> bool:
-            self.record("tar_error", shard, None, f"{type(exn).__name__}: {str(exn)[:300]}")
-            return True
-
-        return handle
 
     def snapshot(self) -> dict:
         return {"by_reason": dict(self.by_reason), "by_shard": copy.deepcopy(self.by_shard)}
@@ -383,13 +409,12 @@ def _decode_video(data: bytes, cfg: LoaderConfig, start, end):
 
 
 def _video_decoder(cfg: LoaderConfig, g: int) -> Isolated | None:
-    """The decode child of stream ``g`` (started now, before the stream holds any data), or None
-    when ``decode_isolation`` is ``inline``."""
+    """The decode child of stream ``g`` (forked at its first video: a stream holds no sample data
+    between reads, and streams built only to plan or seek never fork), or None when
+    ``decode_isolation`` is ``inline``."""
     if cfg.decode_isolation == "inline":
         return None
-    iso = Isolated(_decode_video, timeout=float(cfg.decode_timeout_s), name=f"decode process of stream {g}")
-    iso.start()
-    return iso
+    return Isolated(_decode_video, timeout=float(cfg.decode_timeout_s), name=f"decode process of stream {g}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -397,135 +422,112 @@ def _video_decoder(cfg: LoaderConfig, g: int) -> Isolated | None:
 
 
 class _Stream:
-    """Stream ``g`` of ``num_streams`` for one epoch, starting after ``position`` raw samples."""
+    """Stream ``g`` of ``plan.streams`` in one epoch, from position ``(window, offset)`` on."""
 
-    def __init__(self, cfg: LoaderConfig, sources, tokenizer, logical: int, g: int, num_streams: int,
-                 epoch: int, position: int, batches_done: int, batches_target: int, skipped: dict | None):  # fmt: skip
+    _OPEN_FILES = 32  # shard files kept open by one stream (a window's samples come from its units' shards)
+    _OFFSETS_KEPT = 256  # shards whose offsets one stream keeps in memory
+
+    def __init__(self, cfg: LoaderConfig, sources, table: UnitTable, plan: Plan, tokenizer, logical: int, g: int,
+                 epoch: int, state: dict, batches_target: int):  # fmt: skip
         self.cfg = cfg
         self.sources = sources
+        self.table = table
+        self.plan = plan
         self.tokenizer = tokenizer
         self.logical = logical
         self.g = g
-        self.num_streams = num_streams
         self.epoch = epoch
-        self.position = int(position)
-        self.batches_done = int(batches_done)
+        self.window, self.offset = (int(x) for x in state.get("position", (0, 0)))
+        self.batches_done = int(state.get("batches", 0))
         self.batches_target = int(batches_target)
         self.bad = BadSampleCounter(cfg.log_every, where=f"[stream {g} epoch {epoch}] ")
-        self.bad.load(skipped)
+        self.bad.load(state.get("skipped"))
         self.conv = ConversationTokenizer(tokenizer, cfg.conversation_format, cfg.label_quirk)
         self.pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
+        self._files: dict[str, CountingFile] = {}
+        self._offsets: dict[str, object] = {}
+        self._scanned_sources: set = set()
+        self.bytes_read = 0  # bytes read from shard files (offsets files excluded)
+        self.bytes_used = 0  # bytes of the samples consumed (read, then batched or skipped)
         self.decoder = _video_decoder(cfg, g)
 
-    # -- the raw stream: shards -> samples -> mix -> shuffle (deterministic, no decoding) ---------
-    def _read(self, src: _Resolved, u: int, keep=None):
-        """Samples of shard ``u`` of ``src`` (those whose index ``j`` in the shard passes ``keep``).
+    # -- the raw stream: units -> samples by seek (deterministic, no decoding) ---------------------
+    def _file(self, url: str) -> CountingFile:
+        f = self._files.pop(url, None)
+        if f is None:
+            if len(self._files) >= self._OPEN_FILES:
+                self._close(next(iter(self._files)))
+            f = CountingFile(url)
+        self._files[url] = f  # most recently used last
+        return f
 
-        Python's tarfile ends a damaged tar (bad header, cut short) silently; a shard that yields fewer
-        samples than its index lists counts the missing ones (that this stream would have kept) as
-        ``missing_in_tar``.
-        """
-        url = src.urls[u]
-        j = 0
-        for sample in iter_tar_samples(url, self.bad.handler(url)):
-            if keep is None or keep(j):
-                yield sample
-            j += 1
-        self._last_read = j
-        expected = src.shard_sizes[u] if u < len(src.shard_sizes) else None
-        if expected is not None and j < expected:
-            missing = sum(1 for k in range(j, expected) if keep is None or keep(k))
-            if missing:
-                self.bad.record("missing_in_tar", url, None, f"read {j} of the {expected} samples", count=missing)
+    def _close(self, url: str) -> None:
+        f = self._files.pop(url)
+        self.bytes_read += f.bytes_read
+        f.close()
 
-    def _source(self, i: int, src: _Resolved):
-        cfg, S, g = self.cfg, self.num_streams, self.g
-        n = len(src.urls)
-        if cfg.shard_mode == "resampled":
-            rng = random.Random(_seed(cfg.seed, self.epoch, "resample", i, g))
-            while True:
-                got = 0
-                for _ in range(n):
-                    for sample in self._read(src, rng.randrange(n)):
-                        got += 1
-                        yield sample
-                if not got:
-                    return
-        p = 0
-        while True:
-            order = list(range(n))
-            random.Random(_seed(cfg.seed, self.epoch, "pass", i, p)).shuffle(order)
-            got = 0
-            if n >= S:
-                for u in order[g::S]:
-                    for sample in self._read(src, u):
-                        got += 1
-                        yield sample
-            else:
-                # every stream reads every shard and keeps the samples j = g, g+S, ... of the pass
-                offset = 0
-                for u in order:
-                    base = offset
-                    size = src.shard_sizes[u] if u < len(src.shard_sizes) else None
-                    for sample in self._read(src, u, keep=lambda k, base=base: (base + k) % S == g):
-                        got += 1
-                        yield sample
-                    # the next shard's samples continue the count (by the index when it is known, so
-                    # that a damaged shard does not shift the split of the following ones)
-                    offset += size if size is not None else self._last_read
-            if not got:
-                return
-            p += 1
+    def close(self) -> None:
+        for url in list(self._files):
+            self._close(url)
 
-    def _mixed(self):
-        its = [self._source(i, s) for i, s in enumerate(self.sources)]
-        weights = [s.weight * s.num_samples for s in self.sources]
-        rng = random.Random(_seed(self.cfg.seed, self.epoch, "mix", self.g))
-        while True:
-            total = sum(weights)
-            if total <= 0:
-                return
-            r = rng.random() * total
-            i = 0
-            while i < len(weights) - 1 and (r >= weights[i] or weights[i] == 0):
-                r -= weights[i]
-                i += 1
-            try:
-                sample = next(its[i])
-            except StopIteration:
-                if not self.bad.muted:
-                    log.warning("stream %d: source %s has no readable sample for this stream; dropped from its mix",
-                                self.g, self.sources[i].name)  # fmt: skip
-                weights[i] = 0.0
-                continue
-            sample["__source__"] = i
-            yield sample
+    def read_bytes(self) -> int:
+        return self.bytes_read + sum(f.bytes_read for f in self._files.values())
 
-    def _shuffled(self, samples):
-        cfg = self.cfg
-        rng = random.Random(_seed(cfg.seed, self.epoch, "shuffle", self.g))
-        buf, nbytes = [], 0
+    def _offsets_of(self, i: int, url: str):
+        """Offsets of ``url``'s samples: its offsets file, or one walk over its tar headers."""
+        got = self._offsets.get(url)
+        if got is None:
+            got = load_offsets(url)
+            if got is None:
+                if i not in self._scanned_sources:
+                    self._scanned_sources.add(i)
+                    log.info("stream %d: source %s has shards without an offsets file (made before index format 2); "
+                             "reading their tar headers once per shard", self.g, self.sources[i].name)  # fmt: skip
+                got = scan_offsets(self._file(url))
+            if len(self._offsets) >= self._OFFSETS_KEPT:
+                self._offsets.pop(next(iter(self._offsets)))
+            self._offsets[url] = got
+        return got
 
-        def take():
-            nonlocal nbytes
-            k = rng.randrange(len(buf))
-            buf[k], buf[-1] = buf[-1], buf[k]
-            s, size = buf.pop()
-            nbytes -= size
-            return s
+    def _read(self, t: int, m: int) -> dict:
+        """Member ``m`` of unit ``t``: one seek and one read of exactly its bytes.
 
-        for s in samples:
-            size = sum(len(v) for v in s.values() if isinstance(v, (bytes, bytearray)))
-            buf.append((s, size))
-            nbytes += size
-            if len(buf) >= cfg.shuffle_buffer or nbytes >= cfg.shuffle_buffer_bytes:
-                yield take()
-        while buf:
-            yield take()
+        A damaged shard costs the samples it damages: a range that does not parse is ``tar_error``, a
+        sample the index promised but the tar (cut short, or a bad header where the offsets were found
+        by scanning) does not hold is ``missing_in_tar``."""
+        i, u, first, _ = self.table.unit(t)
+        url, j = self.sources[i].urls[u], first + m
+        try:
+            offsets = self._offsets_of(i, url)
+            if j >= len(offsets):
+                raise SkipSample("missing_in_tar", f"sample {j} of {url}: the tar holds only {len(offsets)}")
+            start, length = (int(x) for x in offsets[j])
+            f = self._file(url)
+            f.seek(start)
+            blob = f.read(length)
+        except OSError as exn:
+            raise SkipSample("tar_error", f"{url}: {type(exn).__name__}: {exn}") from None
+        except (ValueError, EOFError) as exn:  # tar headers that cannot be walked
+            raise SkipSample("tar_error", f"{url}: {exn}") from None
+        self.bytes_used += length
+        if len(blob) < length:
+            raise SkipSample("missing_in_tar", f"sample {j} of {url}: the file ends {length - len(blob)} bytes early")
+        try:
+            sample = parse_sample(blob, url)
+        except ValueError as exn:
+            raise SkipSample("tar_error", f"sample {j} of {url}: {exn}") from None
+        sample["__source__"] = i
+        return sample
 
     def raw(self):
-        """``(position, raw sample)`` pairs of the epoch, from position 0."""
-        return enumerate(self._shuffled(self._mixed()))
+        """``((window, offset) after it, (unit id, member))`` of every raw sample from the stream's
+        position on (endless: past the epoch's units come the next epoch's)."""
+        w, off = self.window, self.offset
+        while True:
+            order = window_samples(self.table, self.plan, self.g, w, self.cfg.window_units, self.cfg.shuffle_buffer > 1)
+            for k in range(off, len(order)):
+                yield (w, k + 1), order[k]
+            w, off = w + 1, 0
 
     # -- decoding one sample ----------------------------------------------------------------------
     def prepare(self, raw: dict) -> Sample:
@@ -597,39 +599,50 @@ class _Stream:
         return sample
 
     # -- batches ----------------------------------------------------------------------------------
-    def _emit(self, items: list[Sample], position: int, batches: int) -> dict:
+    def _emit(self, items: list[Sample], position, batches: int) -> dict:
         batch = collate(items, self.pad_id, self.cfg.image_size)
+        read, used = self.read_bytes(), self.bytes_used
         batch["_stream"] = {
             "stream": self.logical,
             "epoch": self.epoch,
-            "position": int(position),
+            "position": list(position),
             "batches": int(batches),
             "skipped": self.bad.snapshot(),
+            "bytes_read": read - self._reported[0],
+            "bytes_used": used - self._reported[1],
         }
+        self._reported = (read, used)
         return batch
 
     def __iter__(self):
+        try:
+            yield from self._batches()
+        finally:
+            self.close()
+
+    def _batches(self):
         cfg = self.cfg
         emitted = self.batches_done
         if emitted >= self.batches_target:
             return
+        self._reported = (0, 0)
         cur: list[Sample] = []
         longest = 0
         consecutive = 0
-        self.bad.muted = self.position > 0  # the replayed part was counted before the state was saved
-        for pos, raw in self.raw():
-            if pos < self.position:
-                continue
-            self.bad.muted = False
+        last = (self.window, self.offset)  # the position before the current sample
+        for after, (t, m) in self.raw():
+            raw: dict = {}
             try:
+                raw = self._read(t, m)
                 item = self.prepare(raw)
-            except SkipSample as exn:
-                self.bad.record(exn.reason, raw.get("__url__", "?"), raw.get("__key__"), str(exn))
-                item = None
-            except Exception as exn:  # a bug or an unexpected decoder failure: count it, never crash
-                self.bad.record(f"error:{type(exn).__name__}", raw.get("__url__", "?"), raw.get("__key__"), str(exn)[:300])
+            except Exception as exn:  # SkipSample, or a bug / an unexpected decoder failure: count it, never crash
+                i, u, first, _ = self.table.unit(t)
+                reason = exn.reason if isinstance(exn, SkipSample) else f"error:{type(exn).__name__}"
+                key = raw.get("__key__", f"#{first + m}")
+                self.bad.record(reason, self.sources[i].urls[u], key, str(exn)[:300])
                 item = None
             if item is None:
+                last = after
                 consecutive += 1
                 if consecutive >= cfg.max_consecutive_errors:
                     raise RuntimeError(
@@ -641,22 +654,19 @@ class _Stream:
             new_longest = max(longest, item.length)
             if cur and (len(cur) + 1) * new_longest > cfg.max_tokens_per_batch:
                 emitted += 1
-                yield self._emit(cur, pos, emitted)
+                yield self._emit(cur, last, emitted)
                 if emitted >= self.batches_target:
                     return
                 cur, new_longest = [], item.length
             cur.append(item)
             longest = new_longest
+            last = after
             if len(cur) >= cfg.max_batch_size:  # full by count: no need to look ahead
                 emitted += 1
-                yield self._emit(cur, pos + 1, emitted)
+                yield self._emit(cur, after, emitted)
                 if emitted >= self.batches_target:
                     return
                 cur, longest = [], 0
-        raise RuntimeError(
-            f"stream {self.g}: no readable samples left after {emitted} of {self.batches_target} batches "
-            f"(skipped: {self.bad.by_reason}); every source is empty or unreadable for this stream"
-        )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -666,10 +676,10 @@ class _Stream:
 class _EpochDataset(IterableDataset):
     """One epoch of this rank's streams; DataLoader worker ``w`` runs stream ``(w + rotation) % W``."""
 
-    def __init__(self, cfg, sources, tokenizer, rank, world_size, epoch, rotation, per_stream, states):
+    def __init__(self, cfg, sources, table, plan, tokenizer, rank, epoch, rotation, per_stream, states):
         super().__init__()
-        self.cfg, self.sources, self.tokenizer = cfg, sources, tokenizer
-        self.rank, self.world_size, self.epoch, self.rotation = rank, world_size, epoch, rotation
+        self.cfg, self.sources, self.table, self.plan, self.tokenizer = cfg, sources, table, plan, tokenizer
+        self.rank, self.epoch, self.rotation = rank, epoch, rotation
         self.per_stream, self.states = per_stream, states
 
     def __iter__(self):
@@ -679,11 +689,8 @@ class _EpochDataset(IterableDataset):
         if info is not None:
             torch.set_num_threads(1)
         logical = (wid + self.rotation) % W
-        st = self.states.get(logical, {})
-        stream = _Stream(
-            self.cfg, self.sources, self.tokenizer, logical, self.rank * W + logical, self.world_size * W,
-            self.epoch, st.get("position", 0), st.get("batches", 0), self.per_stream, st.get("skipped"),
-        )  # fmt: skip
+        stream = _Stream(self.cfg, self.sources, self.table, self.plan, self.tokenizer, logical,
+                         self.rank * W + logical, self.epoch, self.states.get(logical, {}), self.per_stream)  # fmt: skip
         yield from stream
 
 
@@ -692,7 +699,9 @@ class VideoLoader:
 
     Iterating yields the rest of the current epoch (``len(loader)`` batches for a fresh epoch), then the
     epoch counter moves on; iterating again continues where the last batch handed out left off, also
-    after ``break``. ``state_dict()`` / ``load_state_dict()`` capture that position exactly.
+    after ``break``. ``state_dict()`` / ``load_state_dict()`` capture that position exactly;
+    ``load_state_dict`` also takes the list of every rank's state of a run with another world size or
+    worker count.
     """
 
     def __init__(self, cfg: LoaderConfig, tokenizer, rank: int = 0, world_size: int = 1):
@@ -705,13 +714,17 @@ class VideoLoader:
         self.tokenizer = tokenizer
         self.rank, self.world_size = int(rank), int(world_size)
         self.sources = resolve_sources(cfg.sources)
+        self.table = UnitTable([s.shard_sizes for s in self.sources], [s.weight for s in self.sources],
+                               cfg.unit_samples, cfg.samples_per_epoch, cfg.seed,
+                               num_samples=[s.num_samples for s in self.sources])  # fmt: skip
         ConversationTokenizer(tokenizer, cfg.conversation_format, cfg.label_quirk)  # fail early
         self.num_streams_per_rank = max(1, cfg.num_workers)
         self.per_stream = math.ceil(cfg.batches_per_epoch / self.num_streams_per_rank)
         self.epoch = 0
-        self.batches_in_epoch = 0
-        self._streams: dict[int, dict] = {}
+        self._start_epoch(0)
         self._past_skips: dict = {}
+        self.bytes_read = 0  # shard bytes read for the batches handed out by this object
+        self.bytes_used = 0  # bytes of the samples consumed for them
 
     def __len__(self) -> int:
         """Batches per epoch on this rank (the same on every rank)."""
@@ -721,24 +734,35 @@ class VideoLoader:
     def image_token_id(self) -> int:
         return int(self.tokenizer.convert_tokens_to_ids("<image>"))
 
+    def _start_epoch(self, epoch: int) -> None:
+        """Epoch ``epoch`` from its beginning: a fresh plan, every stream at its first window."""
+        self.epoch = int(epoch)
+        self.plan = Plan(self.world_size * self.num_streams_per_rank, self.epoch * self.table.epoch_units)
+        self.segment_per_stream = self.per_stream  # batches per stream in the rest of this epoch
+        self.batches_in_segment = 0
+        self._streams: dict[int, dict] = {}
+
     def set_epoch(self, epoch: int) -> None:
         """Start ``epoch`` from its beginning (normally the loader advances by itself)."""
         self._finish_epoch()
-        self.epoch = int(epoch)
+        self._start_epoch(epoch)
 
     def _finish_epoch(self) -> None:
         for st in self._streams.values():
             _merge_counts(self._past_skips, st.get("skipped", {}))
         self._streams = {}
-        self.batches_in_epoch = 0
+
+    @property
+    def _segment_len(self) -> int:
+        return self.segment_per_stream * self.num_streams_per_rank
 
     def __iter__(self):
-        if self.batches_in_epoch >= len(self):
+        if self.batches_in_segment >= self._segment_len:
             self._finish_epoch()
-            self.epoch += 1
+            self._start_epoch(self.epoch + 1)
         W = self.num_streams_per_rank
-        ds = _EpochDataset(self.cfg, self.sources, self.tokenizer, self.rank, self.world_size, self.epoch,
-                           self.batches_in_epoch % W, self.per_stream, copy.deepcopy(self._streams))  # fmt: skip
+        ds = _EpochDataset(self.cfg, self.sources, self.table, self.plan, self.tokenizer, self.rank, self.epoch,
+                           self.batches_in_segment % W, self.segment_per_stream, copy.deepcopy(self._streams))  # fmt: skip
         kw = {}
         if self.cfg.num_workers > 0:
             kw = dict(prefetch_factor=self.cfg.prefetch_factor, persistent_workers=False)
@@ -748,49 +772,123 @@ class VideoLoader:
             if st["epoch"] != self.epoch:
                 raise RuntimeError(f"internal: a batch of epoch {st['epoch']} arrived in epoch {self.epoch}")
             self._streams[int(st["stream"])] = {k: st[k] for k in ("position", "batches", "skipped")}
-            self.batches_in_epoch += 1
+            self.bytes_read += st["bytes_read"]
+            self.bytes_used += st["bytes_used"]
+            self.batches_in_segment += 1
             yield batch
-        if self.batches_in_epoch != len(self):
-            raise RuntimeError(f"internal: epoch {self.epoch} gave {self.batches_in_epoch} of {len(self)} batches")
+        if self.batches_in_segment != self._segment_len:
+            raise RuntimeError(f"internal: epoch {self.epoch} gave {self.batches_in_segment} of {self._segment_len} batches")
 
     # -- state --------------------------------------------------------------------------------------
-    def _signature(self) -> dict:
+    def _data_signature(self) -> dict:
+        """What must match for a state to describe this loader's data at all."""
         return {
             "seed": self.cfg.seed,
-            "rank": self.rank,
-            "world_size": self.world_size,
-            "num_workers": self.cfg.num_workers,
-            "batches_per_epoch": len(self),
-            "shard_mode": self.cfg.shard_mode,
-            "sources": [[s.name, len(s.urls), s.weight] for s in self.sources],
+            "unit_samples": self.cfg.unit_samples,
+            "window_units": self.cfg.window_units,
+            "shuffle": self.cfg.shuffle_buffer > 1,
+            "epoch_units": self.table.epoch_units,
+            "sources": [[s.name, len(s.urls), s.weight, sum(s.shard_sizes)] for s in self.sources],
         }
 
+    def _layout(self) -> dict:
+        return {"world_size": self.world_size, "num_workers": self.cfg.num_workers, "batches_per_epoch": len(self)}
+
     def state_dict(self) -> dict:
-        """The position of this rank's loader (JSON-serialisable)."""
+        """The position of this rank's loader (JSON-serialisable; the plan is the same on every rank)."""
         return {
             "version": STATE_VERSION,
-            **self._signature(),
+            **self._data_signature(),
+            **self._layout(),
+            "rank": self.rank,
             "epoch": self.epoch,
-            "batches_in_epoch": self.batches_in_epoch,
+            "plan": self.plan.to_json(),
+            "segment_per_stream": self.segment_per_stream,
+            "batches_in_segment": self.batches_in_segment,
             "streams": {str(k): copy.deepcopy(v) for k, v in sorted(self._streams.items())},
             "past_skipped": copy.deepcopy(self._past_skips),
         }
 
-    def load_state_dict(self, state: dict) -> None:
-        """Continue exactly after the last batch recorded in ``state`` (from this rank's loader)."""
+    def _check(self, state: dict) -> None:
         if state.get("version") != STATE_VERSION:
-            raise ValueError(f"loader state version {state.get('version')!r} is not {STATE_VERSION}")
-        mine = self._signature()
-        for k, v in mine.items():
+            raise OlderLoaderState(f"loader state version {state.get('version')!r} is not {STATE_VERSION}: saved by "
+                                   "an older loader, whose stream layout this one cannot continue")
+        for k, v in self._data_signature().items():
             got = state.get(k)
             if k == "sources":
                 got = [list(x) for x in got or []]
             if got != v:
                 raise ValueError(f"loader state was saved with {k}={got!r}, this loader has {k}={v!r}")
+
+    def same_layout(self, state: dict) -> bool:
+        """Whether ``state`` (one rank's) was saved with this loader's world size, worker count and
+        epoch length, so that this rank's own state continues it exactly."""
+        return {k: state.get(k) for k in self._layout()} == self._layout()
+
+    def load_state_dict(self, state) -> None:
+        """Continue exactly after the last batch recorded in ``state``.
+
+        ``state``: this rank's own state (same world size and worker count), or the list of every
+        rank's state of the saved run (any world size and worker count: see the module doc)."""
+        states = state if isinstance(state, (list, tuple)) else [state]
+        for st in states:
+            self._check(st)
+        old_layout = {k: states[0].get(k) for k in self._layout()}
+        same = self.same_layout(states[0])
+        if isinstance(state, dict):
+            if not same or state.get("rank") != self.rank:
+                diff = {k: v for k, v in old_layout.items() if v != self._layout()[k]}
+                if state.get("rank") != self.rank:
+                    diff["rank"] = state.get("rank")
+                raise ValueError(f"loader state was saved with {diff} (this loader: rank {self.rank}, "
+                                 f"{self._layout()}); pass every rank's state to continue with another layout")  # fmt: skip
+            self._restore(state)
+            return
+        ranks = sorted(int(st["rank"]) for st in states)
+        if ranks != list(range(int(old_layout["world_size"]))):
+            raise ValueError(f"need the loader states of ranks 0..{old_layout['world_size'] - 1}, got ranks {ranks}")
+        for k in ("epoch", "plan", "segment_per_stream", "batches_in_segment", "world_size", "num_workers"):
+            if any(st.get(k) != states[0].get(k) for st in states):
+                raise ValueError(f"the ranks' loader states differ in {k!r}: not saved at the same step")
+        if same:
+            self._restore(next(st for st in states if int(st["rank"]) == self.rank))
+            return
+        self._relayout(sorted(states, key=lambda st: int(st["rank"])))
+
+    def _restore(self, state: dict) -> None:
         self.epoch = int(state["epoch"])
-        self.batches_in_epoch = int(state["batches_in_epoch"])
+        self.plan = Plan.from_json(state["plan"])
+        self.segment_per_stream = int(state["segment_per_stream"])
+        self.batches_in_segment = int(state["batches_in_segment"])
         self._streams = {int(k): copy.deepcopy(v) for k, v in state.get("streams", {}).items()}
         self._past_skips = copy.deepcopy(state.get("past_skipped", {}))
+
+    def _relayout(self, states: list[dict]) -> None:
+        """The rest of the saved epoch, dealt to this run's streams (every rank computes the same)."""
+        first = states[0]
+        W_old = max(1, int(first["num_workers"]))
+        positions = {}
+        skips: dict = {}
+        for st in states:
+            _merge_counts(skips, st.get("past_skipped", {}))
+            for k, v in st.get("streams", {}).items():
+                positions[int(st["rank"]) * W_old + int(k)] = tuple(v["position"])
+                _merge_counts(skips, v.get("skipped", {}))
+        old_plan = Plan.from_json(first["plan"])
+        self.epoch = int(first["epoch"])
+        W = self.num_streams_per_rank
+        self.plan = replan(self.table, old_plan, positions, self.world_size * W, self.cfg.window_units,
+                           self.cfg.shuffle_buffer > 1)  # fmt: skip
+        left = (int(first["segment_per_stream"]) * W_old - int(first["batches_in_segment"])) * int(first["world_size"])
+        per_rank = math.ceil(left / self.world_size)
+        self.segment_per_stream = math.ceil(per_rank / W)
+        self.batches_in_segment = 0
+        self._streams = {}
+        self._past_skips = skips if self.rank == 0 else {}  # the old ranks' counts, counted once
+        log.info("loader: %d ranks x %d workers -> %d x %d in epoch %d: %d items of the old streams' ragged rest "
+                 "dealt first, %d batches per rank left in the epoch", first["world_size"], first["num_workers"],
+                 self.world_size, self.cfg.num_workers, self.epoch, sum(len(h) for h in self.plan.head),
+                 self._segment_len)  # fmt: skip
 
     def skip_counts(self) -> dict:
         """Bad samples skipped on this rank so far: ``{"total", "by_reason", "by_shard"}``."""
@@ -801,6 +899,12 @@ class VideoLoader:
         out.setdefault("by_shard", {})
         out["total"] = sum(out["by_reason"].values())
         return out
+
+    def read_stats(self) -> dict:
+        """Shard bytes read for the batches this object handed out, and the bytes of the samples they
+        consumed (their tar records); ``amplification`` is their ratio."""
+        return {"bytes_read": self.bytes_read, "bytes_used": self.bytes_used,
+                "amplification": self.bytes_read / max(1, self.bytes_used)}  # fmt: skip
 
     def config_dict(self) -> dict:
         return asdict(self.cfg)

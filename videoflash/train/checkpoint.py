@@ -454,8 +454,9 @@ class CheckpointManager:
         The checkpoint is verified and its files checked to hold data only before DeepSpeed reads
         them (:class:`CheckpointError` otherwise). A checkpoint written by another number of ranks
         is loaded from its universal conversion (:meth:`prepare_universal`, which the engine config
-        must enable before ``deepspeed.initialize``); the rank state then has no loader position
-        (``None``)."""
+        must enable before ``deepspeed.initialize``); the rank state's ``loader`` is then the list of
+        every old rank's loader state, from which the loader deals the rest of the epoch to the new
+        ranks."""
         path = Path(path)
         problems = distributed.broadcast_object(verify(path) if self.rank == 0 else None)
         if problems:
@@ -473,7 +474,7 @@ class CheckpointManager:
         return state, rank_state
 
     def _load_universal(self, engine, path: Path, state: dict[str, Any]) -> dict[str, Any]:
-        # RNG from the same rank of the old run (or its last one); the data stream restarts its epoch
+        # RNG from the same rank of the old run (or its last one); the data position from all old ranks
         src = path / f"rank{min(self.rank, state['world_size'] - 1):05d}.pt"
         rank_state = self._refuse_unless_data(path / UNIVERSAL_TAG, src)
         optimizer = engine.optimizer
@@ -492,5 +493,12 @@ class CheckpointManager:
         for st in optimizer.optimizer.state.values():
             if torch.is_tensor(st.get("step")):
                 st["step"] = st["step"].clone()
-        rank_state["loader"] = None
+        rank_state["loader"] = self.loader_states(path)
         return rank_state
+
+    def loader_states(self, path: str | os.PathLike) -> list[dict[str, Any]]:
+        """Every rank's loader state in the checkpoint at ``path`` (each rank file is small: a loader
+        state and RNG states), for a loader that continues with another world size or worker count."""
+        path = Path(path)
+        ranks = self.written_by(path)
+        return [self.read_rank_state(path / f"rank{r:05d}.pt")["loader"] for r in range(ranks)]

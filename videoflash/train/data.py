@@ -10,7 +10,8 @@ What comes from where:
 - samples per micro-batch: ``stage.micro_batch_size``; the token budget of a micro-batch is
   ``data.max_batch_tokens`` or, when null, ``micro_batch_size * stage.max_tokens`` (so every
   micro-batch holds exactly ``micro_batch_size`` samples and the global batch is exact);
-- one epoch = the sources' samples (from their indexes, or ``data.num_samples``) split over ranks.
+- one epoch = the sources' samples (from their indexes, or ``data.num_samples``, which is then also
+  the loader's ``samples_per_epoch``) split over ranks.
 """
 
 from __future__ import annotations
@@ -79,6 +80,7 @@ def loader_config(cfg: VideoFlashSchema, model_config, world_size: int):
         max_batch_size=stage.micro_batch_size,
         max_sample_tokens=stage.max_tokens,
         batches_per_epoch=max(1, math.ceil(samples / per_rank)),
+        samples_per_epoch=data.num_samples,
         num_workers=data.num_workers,
         seed=cfg.seed + 1000 * stage.id,
         shuffle_buffer=data.shuffle_buffer,

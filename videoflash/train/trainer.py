@@ -335,11 +335,17 @@ class Trainer:
         self.resumed_from = str(path)
         known = {k: v for k, v in state.items() if k in TrainerState.__dataclass_fields__}
         self.state = TrainerState(**known)
-        if rank_state["loader"] is not None:
-            self.loader.load_state_dict(rank_state["loader"])
-        else:
-            log.warning("resumed on %d ranks from a checkpoint of %d ranks: the data stream restarts its epoch",
-                        self.world, state["world_size"])
+        # this rank's own loader state; after a change of world size (the checkpoint gives the list) or
+        # of data.num_workers, every old rank's, from which the loader deals out the rest of the epoch
+        from videoflash.data.pipeline import OlderLoaderState
+
+        loader_state = rank_state["loader"]
+        if isinstance(loader_state, dict) and not self.loader.same_layout(loader_state):
+            loader_state = self.ckpt.loader_states(path)
+        try:
+            self.loader.load_state_dict(loader_state)
+        except OlderLoaderState as exn:
+            log.warning("%s: %s; the data stream starts its epoch again", path, exn)
         set_rng_state(rank_state["rng"])
         log.info("resumed from %s at step %d of %d", path, self.state.step, self.total_steps)
 
