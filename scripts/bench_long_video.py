@@ -450,15 +450,20 @@ def search_frames(attempt, name: str, args, tokens_per_frame: int):
     return fits, fails, timing
 
 
-def run_cuda(args) -> None:
+def cuda_setup(args):
+    """The 7B-shaped bf16 model on the GPU and what every CUDA run needs of it: ``(device, model,
+    dropout schedule, prompt ids, hidden size, tokens per frame)``."""
     if not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is visible")
     device = torch.device("cuda")
     model = build_model(args, device, torch.bfloat16)
     schedule = scaled_dropout(model.config.text_config.num_hidden_layers, args.dropout)
     ids = prompt_ids(model).to(device)
-    hidden = model.config.text_config.hidden_size
-    tpf = model.config.tokens_per_frame
+    return device, model, schedule, ids, model.config.text_config.hidden_size, model.config.tokens_per_frame
+
+
+def run_cuda(args) -> None:
+    device, model, schedule, ids, hidden, tpf = cuda_setup(args)
     props = torch.cuda.get_device_properties(0)
     weights = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30
     print(f"# {props.name}, {props.total_memory / 2**30:.0f} GiB; Qwen2-7B-shaped LLM + UMT-L, bf16, {weights:.1f} GiB "
@@ -505,14 +510,7 @@ def run_cuda(args) -> None:
 def run_cuda_kv(args) -> None:
     """The 7B-shaped search with every method of KV_METHODS (point 7 of issue 10). Not run in this
     project's CI (no GPU); the code shares kv_prefill with the CPU path, which the tests run."""
-    if not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device is visible")
-    device = torch.device("cuda")
-    model = build_model(args, device, torch.bfloat16)
-    schedule = scaled_dropout(model.config.text_config.num_hidden_layers, args.dropout)
-    ids = prompt_ids(model).to(device)
-    hidden = model.config.text_config.hidden_size
-    tpf = model.config.tokens_per_frame
+    device, model, schedule, ids, hidden, tpf = cuda_setup(args)
     budget = args.kv_budget or 16000
     props = torch.cuda.get_device_properties(0)
     print(f"# {props.name}, {props.total_memory / 2**30:.0f} GiB; Qwen2-7B-shaped LLM, bf16; {tpf} tokens per frame; "

@@ -15,32 +15,12 @@ import sys
 import pytest
 import torch
 
-from tests.inference_helpers import collecting_streamer, tiny_chat_model, tiny_tokenizer, write_mp4
+from tests.chat_fixtures import chat_processor, model, tok, video  # noqa: F401
+from tests.inference_helpers import collecting_streamer, tiny_chat_model
 from videoflash.data.decode import VideoDecoder
-from videoflash.model.processing_videoflash import VideoFlashProcessor
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SYSTEM = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return tiny_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def model(tok):
-    return tiny_chat_model(tok, seed=3)
-
-
-@pytest.fixture(scope="module")
-def video(tmp_path_factory):
-    """60 frames at 4 fps (15 s): dynamic_fps1 8..24 takes 12 frames, indices 2, 7, ..., 57."""
-    return write_mp4(tmp_path_factory.mktemp("chat") / "v.mp4", 60, fps=4)
-
-
-def _processor(tok, model):
-    return VideoFlashProcessor.from_model_config(tok, model.config, min_frames=8, max_frames=24)
 
 
 def _reference_frames(video):
@@ -72,7 +52,7 @@ def _first_turn(question: str) -> str:
 
 
 def test_chat_answers_as_greedy_full_forwards_and_keeps_history(tok, model, video):
-    proc = _processor(tok, model)
+    proc = chat_processor(tok, model)
     frames = _reference_frames(video)
     q1, q2 = "What color is the shape?", "Which direction does the shape move?"
     calls = []
@@ -96,7 +76,7 @@ def test_chat_answers_as_greedy_full_forwards_and_keeps_history(tok, model, vide
 
 def test_chat_streams_the_same_answer(tok, model, video):
     streamer = collecting_streamer()
-    proc = _processor(tok, model)
+    proc = chat_processor(tok, model)
     answer = model.chat(str(video), "What color is the shape?", processor=proc, streamer=streamer, max_new_tokens=6)
     assert streamer.chunks[-1] == "end"
     prompt_len = len(proc.prompt_inputs("What color is the shape?", time_msg=_time(), visual=True)["input_ids"][0])
@@ -112,7 +92,7 @@ def _time():
 def test_inference_dropout_option_and_the_published_preset(tok, video):
     # text-guided dropout on the 4-layer model matches full forwards with the same schedule
     model = tiny_chat_model(tok, seed=5)
-    proc = _processor(tok, model)
+    proc = chat_processor(tok, model)
     spec = "2:0.5:uniform,3:0.25:text"
     answer = model.chat(str(video), "What color is the shape?", processor=proc, visual_dropout=spec, max_new_tokens=8)
     assert model.config.visual_dropout_in_inference is False and model.config.visual_dropout_layers == []
@@ -136,19 +116,19 @@ def test_inference_dropout_option_and_the_published_preset(tok, video):
     hooks = [layer.register_forward_pre_hook(record(i), with_kwargs=True)
              for i, layer in enumerate(deep.get_decoder().layers)]
     try:
-        deep.chat(str(video), "What color is the shape?", processor=_processor(tok, deep), visual_dropout="published",
+        deep.chat(str(video), "What color is the shape?", processor=chat_processor(tok, deep), visual_dropout="published",
                   max_new_tokens=2)
     finally:
         for h in hooks:
             h.remove()
-    text = len(_processor(tok, deep).prompt_inputs("What color is the shape?", time_msg=_time())["input_ids"][0]) - 1
+    text = len(chat_processor(tok, deep).prompt_inputs("What color is the shape?", time_msg=_time())["input_ids"][0]) - 1
     assert [seen[i] - text for i in range(20)] == [48] * 4 + [36] * 14 + [12] * 2
     with pytest.raises(ValueError, match="does not fit this model"):
         model.chat(str(video), "?", processor=proc, visual_dropout="published", max_new_tokens=1)
 
 
 def test_text_only_chat(tok, model):
-    answer = model.chat(None, "Hello", processor=_processor(tok, model), max_new_tokens=5)
+    answer = model.chat(None, "Hello", processor=chat_processor(tok, model), max_new_tokens=5)
     ref = _greedy(model, tok, SYSTEM + "<|im_start|>user\nHello<|im_end|>\n<|im_start|>assistant\n", None, 5)
     assert answer == ref
 
@@ -171,7 +151,7 @@ def test_cli_multi_turn_streaming_and_interactive(tok, model, video, model_dir):
     out = io.StringIO()
     assert main(args + [q1, q2, "--json"], stdout=out) == 0
     lines = out.getvalue().splitlines()
-    proc = _processor(tok, model)
+    proc = chat_processor(tok, model)
     a1, hist = model.chat(str(video), q1, processor=proc, return_history=True, max_new_tokens=6)
     a2, hist = model.chat(str(video), q2, processor=proc, history=hist, return_history=True, max_new_tokens=6)
     assert [x.strip() for x in lines[:2]] == [a1, a2]  # streamed token by token
@@ -193,6 +173,6 @@ def test_cli_entry_point_runs(tmp_path, video, model_dir, tok, model):
         capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300,
     )
     assert res.returncode == 0, res.stderr[-2000:]
-    expected = model.chat(str(video), "What color is the shape?", processor=_processor(tok, model), max_new_tokens=6)
+    expected = model.chat(str(video), "What color is the shape?", processor=chat_processor(tok, model), max_new_tokens=6)
     assert res.stdout.strip() == expected
     assert "12 frames, 48 visual tokens" in res.stderr

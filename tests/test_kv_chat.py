@@ -7,36 +7,15 @@ from __future__ import annotations
 import io
 
 import pytest
-import torch
 
-from tests.inference_helpers import collecting_streamer, tiny_chat_model, tiny_tokenizer, write_mp4
-from videoflash.model.processing_videoflash import VideoFlashProcessor
+from tests.chat_fixtures import chat_processor, model, tok, video  # noqa: F401
+from tests.inference_helpers import collecting_streamer, tiny_chat_model
 
 Q1, Q2 = "What color is the shape?", "Which direction does the shape move?"
 
 
-@pytest.fixture(scope="module")
-def tok():
-    return tiny_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def model(tok):
-    return tiny_chat_model(tok, seed=3)
-
-
-@pytest.fixture(scope="module")
-def video(tmp_path_factory):
-    """60 frames at 4 fps (15 s): 12..24 frames sampled -> 48+ visual tokens, several 4-frame chunks."""
-    return write_mp4(tmp_path_factory.mktemp("kvchat") / "v.mp4", 60, fps=4)
-
-
-def _proc(tok, model):
-    return VideoFlashProcessor.from_model_config(tok, model.config, min_frames=8, max_frames=24)
-
-
 def test_adaretake_chat_without_pressure_answers_as_plain_chat_and_streams(tok, model, video):
-    proc = _proc(tok, model)
+    proc = chat_processor(tok, model)
     plain, hist = model.chat(str(video), Q1, processor=proc, max_new_tokens=10, return_history=True)
     for positions in ("keep", "reforge"):
         streamer = collecting_streamer()
@@ -62,7 +41,7 @@ def test_adaretake_chat_without_pressure_answers_as_plain_chat_and_streams(tok, 
 
 
 def test_x2l_chat_reuses_the_prefill_across_turns(tok, model, video):
-    proc = _proc(tok, model)
+    proc = chat_processor(tok, model)
     model._videoflash_kv_store = None
     opts = {"chunk_frames": 4, "top_k": 1}
     a1, hist = model.chat(str(video), Q1, processor=proc, max_new_tokens=8, kv_compression="videox2l",
@@ -84,7 +63,7 @@ def test_x2l_chat_reuses_the_prefill_across_turns(tok, model, video):
 def test_chat_with_published_dropout_yarn_and_compression(tok, video):
     deep = tiny_chat_model(tok, seed=1, layers=20, hidden=32)
     deep.enable_yarn(2.0)
-    proc = _proc(tok, deep)
+    proc = chat_processor(tok, deep)
     # one chunk: the engine's in-chunk dropout is the whole-prompt dropout
     plain = deep.chat(str(video), Q1, processor=proc, visual_dropout="published", max_new_tokens=6)
     kv = deep.chat(str(video), Q1, processor=proc, visual_dropout="published", max_new_tokens=6,

@@ -8,7 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.inference_helpers import tiny_chat_model, tiny_tokenizer
+from tests.chat_fixtures import model, tok  # noqa: F401
+from tests.inference_helpers import tiny_chat_model
 from videoflash.model.chunked_prefill import (
     AdaReTaKe,
     ChunkedPrefillEngine,
@@ -22,16 +23,6 @@ PROMPT = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_star
           "<|im_start|>assistant\n")
 FRAMES = 96  # 24 clips of 16 tokens: 384 visual tokens, three chunks of 32 frames
 NEW = 8
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return tiny_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def model(tok):
-    return tiny_chat_model(tok, seed=3)
 
 
 @pytest.fixture(scope="module")
