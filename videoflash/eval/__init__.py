@@ -1,1 +1,1 @@
-"""Evaluation. ``synthetic``: answer accuracy on the synthetic corpus's held-out questions."""
+"""Evaluation. ``synthetic``: answer accuracy on the synthetic corpus's held-out questions; ``benchmarks``: the published benchmarks' formats, prompts and answer rules; ``runner``: the offline benchmark runner."""

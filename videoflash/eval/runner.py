@@ -1,0 +1,232 @@
+"""The offline benchmark runner: local annotation files, no hub.
+
+``python -m videoflash.eval bench=<name> data=<dir> model=<export dir> [out=<dir>] [key=value ...]``
+
+Each sample (``videoflash.eval.benchmarks``) is asked with ``model.chat`` (greedy, the benchmark's
+``max_new_tokens``, the processor's frame policy unless ``policy=`` / ``max_frames=`` say otherwise,
+optional ``visual_dropout=`` / ``kv_compression=``), the reply is scored by the benchmark's rule, and
+the record is appended to a per-rank cache ``<out>/cache/<bench>.rank<R>.jsonl`` at once: a second
+run reads every rank's cache and asks only what is missing. Under ``torchrun`` (``WORLD_SIZE`` > 1)
+rank R takes samples R, R+W, ...; rank 0 gathers all records after a barrier (gloo) and prints the
+per-category and overall accuracy, written also to ``<out>/<bench>.json``.
+
+``answer_samples`` is the API the lmms-eval plug-in shares: the same prompt, the same call, the same
+extraction.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+from .benchmarks import Benchmark, Sample, get_benchmark, summarize
+
+
+@dataclass
+class AskSettings:
+    """How samples are asked (all optional: the export's processor settings otherwise)."""
+
+    max_frames: int | None = None
+    min_frames: int | None = None
+    max_new_tokens: int | None = None  # default: the benchmark's
+    visual_dropout: str | None = None
+    kv_compression: str | None = None
+    kv_budget: int | None = None
+
+
+def ask(model, processor, bench: Benchmark, sample: Sample, settings: AskSettings) -> str:
+    """The model's reply to one sample (greedy)."""
+    kv = {}
+    if settings.kv_compression:
+        kv = {"kv_compression": settings.kv_compression, "kv_budget": settings.kv_budget}
+    gen = {"do_sample": False, "max_new_tokens": settings.max_new_tokens or bench.max_new_tokens}
+    return model.chat(sample.video, sample.prompt, processor=processor, max_frames=settings.max_frames,
+                      min_frames=settings.min_frames, start=sample.start, end=sample.end,
+                      visual_dropout=settings.visual_dropout, generation_config=gen, **kv)
+
+
+def score_record(bench: Benchmark, sample: Sample, reply: str) -> dict[str, Any]:
+    pred, ok = bench.score(sample, reply)
+    return {"id": sample.id, "output": reply, "pred": pred, "answer": sample.answer, "correct": bool(ok),
+            "categories": dict(sample.categories)}
+
+
+def read_cache(cache_dir: Path, bench: str) -> dict[str, dict]:
+    """Every record cached for ``bench`` by any rank (a torn last line of a killed run is skipped)."""
+    done: dict[str, dict] = {}
+    for f in sorted(cache_dir.glob(f"{bench}.rank*.jsonl")):
+        for line in f.read_text(encoding="utf-8").splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            done[rec["id"]] = rec
+    return done
+
+
+def _drop_torn_tail(path: Path) -> None:
+    """Cut a cache file back to its last complete line (a run killed mid-write leaves a torn one,
+    and appending after it would spoil the next record)."""
+    if not path.exists():
+        return
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        with open(path, "r+b") as f:
+            f.truncate(data.rfind(b"\n") + 1)
+
+
+def answer_samples(model, processor, bench: Benchmark, samples: Iterable[Sample], settings: AskSettings | None = None,
+                   cache_file: str | os.PathLike | None = None, done: dict[str, dict] | None = None,
+                   progress: bool = True, desc: str | None = None) -> list[dict[str, Any]]:
+    """Ask and score ``samples``; records already in ``done`` are reused, new ones appended to
+    ``cache_file`` as they come. Returns the records in the order of ``samples``."""
+    from tqdm.auto import tqdm
+
+    settings = settings or AskSettings()
+    samples = list(samples)
+    done = done or {}
+    todo = [s for s in samples if s.id not in done]
+    out = dict(done)
+    model.eval()
+    if cache_file:
+        _drop_torn_tail(Path(cache_file))
+    cache = open(cache_file, "a", encoding="utf-8") if cache_file else None
+    try:
+        bar = tqdm(total=len(todo), desc=desc or bench.name, unit="q", disable=not progress, file=sys.stderr)
+        for s in todo:
+            rec = score_record(bench, s, ask(model, processor, bench, s, settings))
+            out[s.id] = rec
+            if cache:
+                cache.write(json.dumps(rec) + "\n")
+                cache.flush()
+            bar.update(1)
+        bar.close()
+    finally:
+        if cache:
+            cache.close()
+    return [out[s.id] for s in samples]
+
+
+def table(summary: dict[str, Any]) -> str:
+    rows = [f"{summary['benchmark']}: {summary['correct']}/{summary['total']} = {100 * summary['accuracy']:.1f}%",
+            "| axis | category | questions | accuracy |", "|---|---|---|---|"]
+    for axis, vals in summary["categories"].items():
+        for v, c in vals.items():
+            rows.append(f"| {axis} | {v or '-'} | {c['total']} | {100 * c['accuracy']:.1f} |")
+    rows.append(f"| **all** | | {summary['total']} | {100 * summary['accuracy']:.1f} |")
+    return "\n".join(rows)
+
+
+def load_model(export_dir: str, policy: str | None = None, min_frames: int | None = None,
+               max_frames: int | None = None, device: str | None = None):
+    import torch
+
+    from videoflash.model.modeling_videoflash import VideoFlashForConditionalGeneration
+    from videoflash.model.processing_videoflash import VideoFlashProcessor
+
+    model = VideoFlashForConditionalGeneration.from_pretrained(export_dir, dtype=torch.float32)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = model.to(device).eval()
+    overrides = {k: v for k, v in (("frame_policy", policy), ("min_frames", min_frames), ("max_frames", max_frames))
+                 if v is not None}
+    processor = VideoFlashProcessor.from_directory(export_dir, config=model.config, **overrides)
+    return model, processor
+
+
+def run(bench_name: str, data: str, model_dir: str, out: str, settings: AskSettings, policy: str | None = None,
+        max_samples: int | None = None, progress: bool = True) -> dict[str, Any] | None:
+    """The whole run on this rank; rank 0 returns the summary (others ``None``)."""
+    bench = get_benchmark(bench_name)
+    samples = bench.load(data)
+    if max_samples is not None:
+        samples = samples[:max_samples]
+    ids = [s.id for s in samples]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"{bench_name}: sample ids repeat in {data}; the cache needs unique ids")
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    out_dir = Path(out)
+    cache_dir = out_dir / "cache"
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    done = read_cache(cache_dir, bench.name)
+    mine = samples[rank::world]
+    model, processor = load_model(model_dir, policy, settings.min_frames, settings.max_frames,
+                                  device=f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if _cuda() else "cpu")
+    t0 = time.perf_counter()
+    n_new = sum(1 for s in mine if s.id not in done)
+    answer_samples(model, processor, bench, mine, settings, cache_dir / f"{bench.name}.rank{rank}.jsonl", done,
+                   progress=progress and rank == 0, desc=f"{bench.name} rank {rank}")
+    elapsed = time.perf_counter() - t0
+    if world > 1:
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            dist.init_process_group("gloo")
+        dist.barrier()
+        dist.destroy_process_group()
+    if rank != 0:
+        return None
+    records_by_id = read_cache(cache_dir, bench.name)
+    missing = [i for i in ids if i not in records_by_id]
+    if missing:
+        raise RuntimeError(f"{bench_name}: {len(missing)} samples have no record after the run (first: {missing[0]})")
+    records = [records_by_id[i] for i in ids]
+    summary = summarize(bench, records)
+    summary.update({"model": str(model_dir), "data": str(data), "settings": asdict(settings), "policy": policy,
+                    "world_size": world, "new_samples_rank0": n_new,
+                    "samples_per_s_rank0": (n_new / elapsed) if n_new and elapsed > 0 else None})
+    with open(out_dir / f"{bench.name}.json", "w", encoding="utf-8") as f:
+        json.dump({**summary, "predictions": records}, f, indent=2)
+    return summary
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+_INT_KEYS = {"max_frames", "min_frames", "max_new_tokens", "kv_budget", "max_samples"}
+_STR_KEYS = {"bench", "data", "model", "out", "policy", "visual_dropout", "kv_compression"}
+
+
+def parse_overrides(argv: list[str]) -> dict[str, Any]:
+    """``key=value`` arguments, typed; an unknown key or a bad value names itself."""
+    opts: dict[str, Any] = {}
+    for arg in argv:
+        if "=" not in arg:
+            raise SystemExit(f"expected key=value, got {arg!r}")
+        k, v = arg.split("=", 1)
+        if k in _INT_KEYS:
+            try:
+                opts[k] = int(v)
+            except ValueError:
+                raise SystemExit(f"{k} must be an integer, got {v!r}") from None
+        elif k in _STR_KEYS:
+            opts[k] = v
+        else:
+            raise SystemExit(f"unknown key {k!r}; known: {', '.join(sorted(_INT_KEYS | _STR_KEYS))}")
+    for k in ("bench", "data", "model"):
+        if k not in opts:
+            raise SystemExit(f"missing {k}=...  (python -m videoflash.eval bench=<name> data=<dir> model=<export dir>)")
+    if opts.get("kv_compression") not in (None, "adaretake", "videox2l"):
+        raise SystemExit(f"kv_compression must be adaretake or videox2l, got {opts['kv_compression']!r}")
+    return opts
+
+
+def main(argv: list[str] | None = None) -> int:
+    opts = parse_overrides(sys.argv[1:] if argv is None else argv)
+    get_benchmark(opts["bench"])  # fails early on an unknown name
+    settings = AskSettings(**{k: opts.get(k) for k in ("max_frames", "min_frames", "max_new_tokens", "visual_dropout",
+                                                         "kv_compression", "kv_budget")})
+    out = opts.get("out") or os.path.join("eval_results", opts["bench"])
+    summary = run(opts["bench"], opts["data"], opts["model"], out, settings, policy=opts.get("policy"),
+                  max_samples=opts.get("max_samples"))
+    if summary is not None:
+        print(table(summary))
+        print(f"wrote {os.path.join(out, opts['bench'] + '.json')}")
+    return 0
