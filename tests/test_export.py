@@ -445,3 +445,21 @@ def test_a_failed_upload_keeps_the_export_and_says_how_to_retry(tmp_path, run_di
     api = RecordingHubApi()
     assert main(["--upload-only", str(tmp_path / "broken"), "--push", "someone/x"], publisher=HubPublisher(api=api)) == 1
     assert api.calls == []
+
+
+def test_model_card_tables_the_offline_benchmark_results(tmp_path, tok):
+    model = tiny_chat_model(tok, seed=1)
+    ckpt = tmp_path / "ckpt"
+    model.save_pretrained(ckpt)
+    tok.save_pretrained(ckpt)
+    (ckpt / "eval").mkdir()
+    result = {"benchmark": "mlvu", "total": 4, "correct": 3, "accuracy": 0.75,
+              "categories": {"task_type": {"plotQA": {"correct": 2, "total": 2, "accuracy": 1.0},
+                                           "order": {"correct": 1, "total": 2, "accuracy": 0.5}}},
+              "predictions": [{"id": "a", "output": "B", "correct": True}]}
+    (ckpt / "eval" / "mlvu.json").write_text(json.dumps(result))
+    out = tmp_path / "out"
+    assert main([str(ckpt), str(out), "--no-load-check"]) == 0
+    body = (out / "README.md").read_text()
+    assert "| `ckpt/eval/mlvu.json` | 4 | 75.0 |" in body
+    assert "| task_type | plotQA | 2 | 100.0 |" in body and "| task_type | order | 2 | 50.0 |" in body

@@ -43,6 +43,11 @@ def _count(n: int) -> str:
     return str(n)
 
 
+def _is_benchmark(numbers: dict[str, float]) -> bool:
+    """Numbers of an offline-runner result (``videoflash.eval.runner``): overall and per category."""
+    return "accuracy" in numbers and "total" in numbers and any(k.startswith("categories/") for k in numbers)
+
+
 def render_card(info: RunInfo, *, name: str, config, processor, num_params: int, files: dict[str, Any],
                 repo_id: str | None = None, extra_tags: list[str] | None = None) -> ModelCard:
     """Build the card. ``config`` is the exported ``VideoFlashConfig``, ``processor`` the exported
@@ -189,7 +194,24 @@ def render_card(info: RunInfo, *, name: str, config, processor, num_params: int,
             f"{_fmt(m.get('final_loss_mean10'))}); {m.get('train_seconds', 0):.0f} s of training"
             + (f", {m['tokens_per_s']:.0f} tokens/s" if m.get("tokens_per_s") else "")
             + (f", MFU {m['mfu_mean']:.1%}" if m.get("mfu_mean") else "") + ".\n")
+    bench_rows = [(f, n) for f, n in info.eval_results if _is_benchmark(n)]
+    if bench_rows:
+        add("Benchmarks (`python -m videoflash.eval bench=...`, accuracy in %):\n")
+        add("| file | questions | accuracy |\n|---|---|---|")
+        for fname, numbers in bench_rows:
+            add(f"| `{fname}` | {int(numbers['total'])} | {100 * numbers['accuracy']:.1f} |")
+        add("")
     for fname, numbers in info.eval_results:
+        if _is_benchmark(numbers):
+            add(f"Per category, `{fname}`:\n")
+            add("| axis | category | questions | accuracy (%) |\n|---|---|---|---|")
+            for key, value in numbers.items():
+                parts = key.split("/")
+                if len(parts) == 4 and parts[0] == "categories" and parts[3] == "accuracy":
+                    total = numbers.get("/".join(parts[:3] + ["total"]), 0)
+                    add(f"| {parts[1]} | {parts[2]} | {int(total)} | {100 * value:.1f} |")
+            add("")
+            continue
         add(f"Evaluation `{fname}`:\n")
         add("| metric | value |\n|---|---|")
         for key, value in list(numbers.items())[:60]:
