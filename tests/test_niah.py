@@ -1,0 +1,80 @@
+"""NIAH: the builder puts the needle (and the multi-hop clue chain) at the requested frames of a real
+mp4, the scorer covers the grid, and the heatmap is a real, non-blank PNG."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from data_tools.make_niah import main as make_niah
+from data_tools.synth_videos import COLORS
+from tests.bench_fixtures import write_export
+from tests.inference_helpers import write_mp4
+
+
+@pytest.fixture(scope="module")
+def haystack(tmp_path_factory):
+    # 6 s at 4 fps, read at 1 fps: 6 haystack frames, looped for longer videos
+    return write_mp4(tmp_path_factory.mktemp("hay") / "hay.mp4", 24, fps=4, width=64, height=64)
+
+
+def _decode(path):
+    import decord
+
+    return decord.VideoReader(str(path)).get_batch(list(range(len(decord.VideoReader(str(path)))))).asnumpy()
+
+
+def test_single_hop_needle_at_the_requested_depth(tmp_path, haystack):
+    assert make_niah(["--haystack", str(haystack), "--out", str(tmp_path), "--lengths", "8,16",
+                      "--depths", "0,0.5,1", "--needle-frames", "2"]) == 0
+    meta = json.loads((tmp_path / "niah.json").read_text())
+    assert len(meta["records"]) == 6
+    for rec in meta["records"]:
+        frames = _decode(tmp_path / rec["video"])
+        assert len(frames) == rec["length"]
+        start = int(rec["depth"] * (rec["length"] - 2))  # the documented placement
+        assert rec["needle_frames"] == [start, start + 1]
+        want = np.array(COLORS[rec["needle_color"]], float)
+        centre = frames[:, 28:36, 28:36].reshape(len(frames), -1, 3).mean(1)
+        near = np.abs(centre - want).max(1) < 30
+        assert sorted(np.nonzero(near)[0].tolist()) == [start, start + 1], rec["id"]
+        assert rec["options"][ "ABCD".index(rec["answer"])] == rec["needle_color"]
+
+
+def test_multi_hop_chain_is_present(tmp_path, haystack):
+    assert make_niah(["--haystack", str(haystack), "--out", str(tmp_path), "--lengths", "12",
+                      "--depths", "0.75", "--hops", "4"]) == 0
+    rec = json.loads((tmp_path / "niah.json").read_text())["records"][0]
+    assert len(rec["clue_frames"]) == 3 and rec["clue_frames"][0] == 0
+    assert rec["clue_frames"] == sorted(rec["clue_frames"]) and rec["needle_frames"] == [int(0.75 * 11)]
+    frames = _decode(tmp_path / rec["video"])
+    bright = frames.reshape(len(frames), -1, 3).mean((1, 2)) > 200  # clue frames are white with text
+    assert np.nonzero(bright)[0].tolist() == rec["clue_frames"]
+    assert "START" in rec["prompt"]
+
+
+def test_score_grid_and_heatmap_png(tmp_path, haystack):
+    from PIL import Image
+
+    from videoflash.eval.niah import main as niah_main
+
+    make_niah(["--haystack", str(haystack), "--out", str(tmp_path / "d"), "--lengths", "4,8", "--depths", "0,1"])
+    export = write_export(tmp_path / "export")
+    assert niah_main([f"data={tmp_path / 'd'}", f"model={export}", f"out={tmp_path / 'r'}"]) == 0
+    res = json.loads((tmp_path / "r/niah.json").read_text())
+    assert res["lengths"] == [4, 8] and res["depths"] == [0.0, 1.0] and res["total"] == 4
+    assert all(v in (0.0, 1.0) for row in res["accuracy_grid"] for v in row)
+    assert res["accuracy"] == pytest.approx(sum(p["correct"] for p in res["predictions"]) / 4)
+    img = Image.open(tmp_path / "r/niah_heatmap.png")
+    img.load()
+    assert img.format == "PNG" and img.size == (800, 400)
+    colours = img.convert("RGB").getcolors(maxcolors=1 << 16)
+    assert colours is not None and len(colours) > 10  # not blank: axes, labels, cells, colour bar
+    # every cell is 0 or 1, so the cells are painted in the colour map's ends (red #F0496E, green #0CD79F)
+    px = np.asarray(img.convert("RGB")).reshape(-1, 3).astype(int)
+    ends = {v for row in res["accuracy_grid"] for v in row}
+    for v, rgb in ((0.0, (0xF0, 0x49, 0x6E)), (1.0, (0x0C, 0xD7, 0x9F))):
+        if v in ends:
+            assert (np.abs(px - rgb).max(1) < 4).sum() > 1000, v
