@@ -100,3 +100,27 @@ def test_two_ranks_give_the_one_rank_records(tmp_path, export):
     strip = lambda recs: sorted((r["id"], r["output"], r["correct"]) for r in recs)  # noqa: E731
     assert strip(two["predictions"]) == strip(read_cache(tmp_path / "one/cache", "lvbench").values())
     assert two["accuracy"] == one["accuracy"]
+
+
+def test_scores_go_to_wandb_offline(tmp_path, export, monkeypatch):
+    from videoflash.eval.runner import main
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    write_benchmark("mlvu", tmp_path / "data")
+    assert main(["bench=mlvu", f"data={tmp_path / 'data'}", f"model={export}", f"out={tmp_path / 'out'}",
+                 "max_frames=8", "min_frames=4", "max_new_tokens=4", "wandb=offline"]) == 0
+    logs = list((tmp_path / "out" / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(logs) == 1
+    data = logs[0].read_bytes()
+    assert b"mlvu/accuracy" in data and b"mlvu/task_type/plotQA" in data and b"mlvu/task_type/order" in data
+
+
+def test_bad_keys_are_named():
+    from videoflash.eval.runner import parse_overrides
+
+    with pytest.raises(SystemExit, match="unknown key 'frames'"):
+        parse_overrides(["bench=mlvu", "data=d", "model=m", "frames=3"])
+    with pytest.raises(SystemExit, match="max_frames must be an integer"):
+        parse_overrides(["bench=mlvu", "data=d", "model=m", "max_frames=x"])
+    with pytest.raises(SystemExit, match="missing model"):
+        parse_overrides(["bench=mlvu", "data=d"])

@@ -184,6 +184,33 @@ def run(bench_name: str, data: str, model_dir: str, out: str, settings: AskSetti
     return summary
 
 
+def wandb_metrics(summary: dict[str, Any]) -> dict[str, float]:
+    """``<bench>/accuracy`` and ``<bench>/<axis>/<category>`` accuracies of a summary."""
+    b = summary["benchmark"]
+    out = {f"{b}/accuracy": summary["accuracy"], f"{b}/total": summary["total"]}
+    for axis, vals in summary["categories"].items():
+        for v, c in vals.items():
+            out[f"{b}/{axis}/{v or '-'}"] = c["accuracy"]
+    return out
+
+
+def log_wandb(summary: dict[str, Any], out_dir: str, mode: str = "online", project: str = "videoflash-eval") -> None:
+    """The scores in a wandb run (rank 0): metrics, a per-category table, the JSON as the run summary."""
+    import wandb
+
+    os.environ.setdefault("WANDB_SILENT", "true")
+    run = wandb.init(project=project, name=f"eval-{summary['benchmark']}-{Path(str(summary['model'])).name}",
+                     dir=str(out_dir), mode=mode, job_type="eval",
+                     config={k: summary[k] for k in ("benchmark", "model", "data", "settings", "policy", "world_size")})
+    metrics = wandb_metrics(summary)
+    run.log(metrics)
+    rows = [[axis, v, c["total"], c["accuracy"]] for axis, vals in summary["categories"].items() for v, c in vals.items()]
+    run.log({f"{summary['benchmark']}/categories": wandb.Table(columns=["axis", "category", "questions", "accuracy"],
+                                                                data=rows)})
+    run.summary.update(metrics)
+    run.finish()
+
+
 def _cuda() -> bool:
     import torch
 
@@ -191,7 +218,7 @@ def _cuda() -> bool:
 
 
 _INT_KEYS = {"max_frames", "min_frames", "max_new_tokens", "kv_budget", "max_samples"}
-_STR_KEYS = {"bench", "data", "model", "out", "policy", "visual_dropout", "kv_compression"}
+_STR_KEYS = {"bench", "data", "model", "out", "policy", "visual_dropout", "kv_compression", "wandb", "wandb_project"}
 
 
 def parse_overrides(argv: list[str]) -> dict[str, Any]:
@@ -213,6 +240,8 @@ def parse_overrides(argv: list[str]) -> dict[str, Any]:
     for k in ("bench", "data", "model"):
         if k not in opts:
             raise SystemExit(f"missing {k}=...  (python -m videoflash.eval bench=<name> data=<dir> model=<export dir>)")
+    if opts.get("wandb") not in (None, "online", "offline"):
+        raise SystemExit(f"wandb must be online or offline, got {opts['wandb']!r}")
     if opts.get("kv_compression") not in (None, "adaretake", "videox2l"):
         raise SystemExit(f"kv_compression must be adaretake or videox2l, got {opts['kv_compression']!r}")
     return opts
@@ -229,4 +258,6 @@ def main(argv: list[str] | None = None) -> int:
     if summary is not None:
         print(table(summary))
         print(f"wrote {os.path.join(out, opts['bench'] + '.json')}")
+        if opts.get("wandb"):
+            log_wandb(summary, out, mode=opts["wandb"], project=opts.get("wandb_project", "videoflash-eval"))
     return 0
