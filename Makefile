@@ -15,7 +15,7 @@ export WANDB_MODE ?= offline
 export TOKENIZERS_PARALLELISM ?= false
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: venv quickstart test test-fast test-latest lock clean
+.PHONY: venv quickstart eval-figures test test-fast test-latest lock clean
 
 venv: $(STAMP)
 
@@ -29,6 +29,10 @@ $(STAMP): pyproject.toml $(LOCK)
 
 quickstart: $(STAMP)
 	$(PY) -m videoflash.quickstart
+
+# after `make quickstart`: its benchmark-fixture scores and NIAH heatmap (docs/PERFORMANCE.md)
+eval-figures: $(STAMP)
+	$(PY) scripts/quickstart_eval.py --model runs/quickstart/stage4/export --out runs/quickstart/stage4/eval
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

@@ -74,9 +74,9 @@ def write_benchmark(name: str, root: Path) -> int:
     raise ValueError(name)
 
 
-def write_export(path: Path) -> Path:
+def write_export(path: Path, **overrides) -> Path:
     tok = tiny_tokenizer()
-    model = tiny_chat_model(tok, seed=3)
+    model = tiny_chat_model(tok, seed=3, **overrides)
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path
