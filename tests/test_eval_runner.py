@@ -122,5 +122,9 @@ def test_bad_keys_are_named():
         parse_overrides(["bench=mlvu", "data=d", "model=m", "frames=3"])
     with pytest.raises(SystemExit, match="max_frames must be an integer"):
         parse_overrides(["bench=mlvu", "data=d", "model=m", "max_frames=x"])
+    from videoflash.eval.runner import main
+
+    with pytest.raises(SystemExit, match="unknown benchmark 'egoschema'"):
+        main(["bench=egoschema", "data=d", "model=m"])
     with pytest.raises(SystemExit, match="missing model"):
         parse_overrides(["bench=mlvu", "data=d"])

@@ -249,7 +249,10 @@ def parse_overrides(argv: list[str]) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     opts = parse_overrides(sys.argv[1:] if argv is None else argv)
-    get_benchmark(opts["bench"])  # fails early on an unknown name
+    try:
+        get_benchmark(opts["bench"])  # fails early on an unknown name
+    except ValueError as exn:
+        raise SystemExit(str(exn)) from None
     settings = AskSettings(**{k: opts.get(k) for k in ("max_frames", "min_frames", "max_new_tokens", "visual_dropout",
                                                          "kv_compression", "kv_budget")})
     out = opts.get("out") or os.path.join("eval_results", opts["bench"])
