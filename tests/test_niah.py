@@ -78,3 +78,18 @@ def test_score_grid_and_heatmap_png(tmp_path, haystack):
     for v, rgb in ((0.0, (0xF0, 0x49, 0x6E)), (1.0, (0x0C, 0xD7, 0x9F))):
         if v in ends:
             assert (np.abs(px - rgb).max(1) < 4).sum() > 1000, v
+
+
+def test_niah_scores_with_kv_compression_and_visual_dropout(tmp_path, haystack):
+    from videoflash.eval.niah import main as niah_main
+
+    make_niah(["--haystack", str(haystack), "--out", str(tmp_path / "d"), "--lengths", "12", "--depths", "0,1",
+               "--hops", "3"])
+    export = write_export(tmp_path / "export")
+    for name, opts in (("kv", ["kv_compression=adaretake", "kv_budget=24"]),
+                       ("drop", ["visual_dropout=2:0.5:uniform", "policy=dynamic_fps1", "max_frames=8"])):
+        assert niah_main([f"data={tmp_path / 'd'}", f"model={export}", f"out={tmp_path / name}", *opts]) == 0
+        res = json.loads((tmp_path / name / "niah.json").read_text())
+        assert res["hops"] == 3 and res["total"] == 2 and all(p["output"] is not None for p in res["predictions"])
+    with pytest.raises(SystemExit, match="max_frames must be an integer"):
+        niah_main([f"data={tmp_path / 'd'}", f"model={export}", "max_frames=many"])
