@@ -61,6 +61,14 @@ def test_missing_video_names_the_record(tmp_path):
         B.get_benchmark("videomme").load(tmp_path / "d")
 
 
+def test_a_frame_folder_is_named(tmp_path):
+    write_benchmark("mvbench", tmp_path / "d")
+    (tmp_path / "d/video/Moments_in_Time_Raw/videos/b.mp4").unlink()
+    (tmp_path / "d/video/Moments_in_Time_Raw/videos/b.mp4").mkdir()
+    with pytest.raises(ValueError, match="is a folder of frames"):
+        B.get_benchmark("mvbench").load(tmp_path / "d")
+
+
 def test_resume_uses_the_cache_and_asks_only_the_rest(tmp_path, export):
     write_benchmark("videomme", tmp_path / "data")
     cache = tmp_path / "out" / "cache"

@@ -166,6 +166,10 @@ def _find_video(root: Path, candidates: list[str], what: str) -> str:
         p = root / c
         if p.is_file():
             return str(p)
+    for c in candidates:
+        if (root / c).is_dir():
+            raise ValueError(f"{what}: {root / c} is a folder of frames; the runner reads video files only "
+                             "(encode the frames to an mp4 of the same name)")
     raise FileNotFoundError(f"{what}: video not found (looked for {', '.join(str(root / c) for c in candidates)})")
 
 
