@@ -136,3 +136,18 @@ def test_bad_keys_are_named():
         main(["bench=egoschema", "data=d", "model=m"])
     with pytest.raises(SystemExit, match="missing model"):
         parse_overrides(["bench=mlvu", "data=d"])
+
+
+def test_a_warning_of_every_question_shows_once(tmp_path):
+    import warnings
+
+    from videoflash.eval.runner import main
+
+    short = write_export(tmp_path / "short", text={"max_position_embeddings": 64})  # every prompt overflows
+    write_benchmark("lvbench", tmp_path / "data")
+    with warnings.catch_warnings(record=True) as got:
+        warnings.simplefilter("always")
+        assert main(["bench=lvbench", f"data={tmp_path / 'data'}", f"model={short}", f"out={tmp_path / 'out'}",
+                     "max_frames=8", "min_frames=8", "max_new_tokens=2"]) == 0
+    overflow = [w for w in got if "beyond the LLM's 64 positions" in str(w.message)]
+    assert len(overflow) == 1  # three questions, each would warn

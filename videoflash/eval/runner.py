@@ -20,6 +20,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterable
@@ -98,8 +99,17 @@ def answer_samples(model, processor, bench: Benchmark, samples: Iterable[Sample]
     cache = open(cache_file, "a", encoding="utf-8") if cache_file else None
     try:
         bar = tqdm(total=len(todo), desc=desc or bench.name, unit="q", disable=not progress, file=sys.stderr)
+        seen: set[str] = set()
         for s in todo:
-            rec = score_record(bench, s, ask(model, processor, bench, s, settings))
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                reply = ask(model, processor, bench, s, settings)
+            for w in caught:  # once per kind of warning, not once per question
+                key = str(w.message)[:40]
+                if key not in seen:
+                    seen.add(key)
+                    warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+            rec = score_record(bench, s, reply)
             out[s.id] = rec
             if cache:
                 cache.write(json.dumps(rec) + "\n")
