@@ -92,12 +92,20 @@ def test_resume_uses_the_cache_and_asks_only_the_rest(tmp_path, export):
     assert s2["accuracy"] == s1["accuracy"]
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def test_two_ranks_give_the_one_rank_records(tmp_path, export):
     write_benchmark("lvbench", tmp_path / "data")
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     args = ["bench=lvbench", f"data={tmp_path / 'data'}", f"model={export}", "max_frames=8", "min_frames=4",
             "max_new_tokens=4"]
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
                     "-m", "videoflash.eval", *args, f"out={tmp_path / 'two'}"], check=True, env=env, cwd=REPO,
                    capture_output=True)
     one = run("lvbench", str(tmp_path / "data"), str(export), str(tmp_path / "one"), SETTINGS, progress=False)
