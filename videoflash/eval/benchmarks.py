@@ -173,6 +173,14 @@ def _find_video(root: Path, candidates: list[str], what: str) -> str:
     raise FileNotFoundError(f"{what}: video not found (looked for {', '.join(str(root / c) for c in candidates)})")
 
 
+def _checked_records(f, keys: tuple[str, ...]):
+    """``(i, record, where)`` for each record of annotation file ``f``, after checking it has ``keys``."""
+    for i, rec in enumerate(_read_records(f)):
+        where = f"{f}[{i}]"
+        _require(rec, keys, where)
+        yield i, rec, where
+
+
 def _require(rec: dict, keys: tuple[str, ...], where: str) -> None:
     missing = [k for k in keys if k not in rec]
     if missing:
@@ -232,9 +240,7 @@ class MVBench(Benchmark):
         for f in files:
             task = f.stem
             folder = MVBENCH_FOLDERS.get(task, task)
-            for i, rec in enumerate(_read_records(f)):
-                where = f"{f}[{i}]"
-                _require(rec, ("video", "question", "candidates", "answer"), where)
+            for i, rec, where in _checked_records(f, ("video", "question", "candidates", "answer")):
                 if rec["answer"] not in rec["candidates"]:
                     raise ValueError(f"{where}: answer {rec['answer']!r} is not among the candidates")
                 video = _find_video(root, [f"video/{folder}/{rec['video']}", f"{folder}/{rec['video']}",
@@ -265,9 +271,7 @@ class VideoMME(Benchmark):
         root = Path(root)
         out = []
         for f in _annotation_files(root, ("videomme.json", "videomme.jsonl", "test.jsonl")):
-            for i, rec in enumerate(_read_records(f)):
-                where = f"{f}[{i}]"
-                _require(rec, ("videoID", "question", "options", "answer"), where)
+            for i, rec, where in _checked_records(f, ("videoID", "question", "options", "answer")):
                 vid = rec["videoID"]
                 video = _find_video(root, [f"data/{vid}.mp4", f"data/{vid}.MP4", f"data/{vid}.mkv",
                                            f"videos/{vid}.mp4", f"{vid}.mp4"], where)
@@ -287,9 +291,7 @@ class MLVU(Benchmark):
         root = Path(root)
         out = []
         for f in _annotation_files(root, ("mlvu_dev.json", "mlvu_dev.jsonl", "mlvu.json", "mlvu.jsonl")):
-            for i, rec in enumerate(_read_records(f)):
-                where = f"{f}[{i}]"
-                _require(rec, ("video_name", "question", "answer", "task_type"), where)
+            for i, rec, where in _checked_records(f, ("video_name", "question", "answer", "task_type")):
                 video = _find_video(root, [rec["video_name"], f"video/{rec['video_name']}",
                                            f"videos/{rec['video_name']}"], where)
                 out.append(Sample("mlvu", str(rec.get("question_id", f"{rec['video_name']}-{i}")), video,
@@ -319,9 +321,7 @@ class LongVideoBench(Benchmark):
         root = Path(root)
         out = []
         for f in _annotation_files(root, ("lvb_val.json", "lvb_val.jsonl", "validation.jsonl")):
-            for i, rec in enumerate(_read_records(f)):
-                where = f"{f}[{i}]"
-                _require(rec, ("id", "video_path", "question", "option0", "correct_choice"), where)
+            for i, rec, where in _checked_records(f, ("id", "video_path", "question", "option0", "correct_choice")):
                 video = _find_video(root, [f"videos/{rec['video_path']}", rec["video_path"]], where)
                 n = len(self.options(rec))
                 out.append(Sample("longvideobench", str(rec["id"]), video, self.prompt(rec),
@@ -347,9 +347,7 @@ class LVBench(Benchmark):
         root = Path(root)
         out = []
         for f in _annotation_files(root, ("lvbench.json", "lvbench.jsonl")):
-            for i, rec in enumerate(_read_records(f)):
-                where = f"{f}[{i}]"
-                _require(rec, ("video_path", "question", "answer"), where)
+            for i, rec, where in _checked_records(f, ("video_path", "question", "answer")):
                 video = _find_video(root, [rec["video_path"], f"videos/{rec['video_path']}"], where)
                 qt = rec.get("question_type", "")
                 qt = qt[0] if isinstance(qt, list) and qt else qt
@@ -369,9 +367,7 @@ class PerceptionTest(Benchmark):
         root = Path(root)
         out = []
         for f in _annotation_files(root, ("mc_question_val.json", "mc_question_val.jsonl", "val.jsonl")):
-            for i, rec in enumerate(_read_records(f)):
-                where = f"{f}[{i}]"
-                _require(rec, ("video_name", "question", "options", "answer_id"), where)
+            for i, rec, where in _checked_records(f, ("video_name", "question", "options", "answer_id")):
                 video = _find_video(root, [f"videos/{rec['video_name']}.mp4", f"videos/{rec['video_name']}.MP4",
                                            f"{rec['video_name']}.mp4"], where)
                 out.append(Sample("perceptiontest", str(rec.get("question_id", f"{rec['video_name']}-{i}")), video,
