@@ -164,3 +164,40 @@ def test_collate_packed_lays_samples_end_to_end():
     # the padded batch of the same samples: one sample per row
     padded = collate([a, b, c], pad_token_id=0, image_size=8)
     assert "sample_lengths" not in padded and padded["input_ids"].shape == (3, 4)
+
+
+def test_pack_tokens_is_typed_validated_and_reaches_the_loader(mix):
+    from videoflash.config import ConfigError, compose, validate
+    from videoflash.train.data import loader_config
+
+    base = ["experiment=quickstart", "stage=2"]
+    c = validate(compose([*base, "data.pack_tokens=0"]))
+    assert c.data.pack_tokens == 0  # 0 = off
+    for override, key in (("data.pack_tokens=16", "data.pack_tokens"),  # below stage.max_tokens
+                          ("data.pack_tokens=-1", "data.pack_tokens"),
+                          ("data.pack_tokens=40000", "data.pack_tokens")):  # with max_batch_tokens  # fmt: skip
+        extra = ["data.max_batch_tokens=8000"] if override.endswith("40000") else []
+        with pytest.raises(ConfigError) as err:
+            validate(compose([*base, override, *extra], check=False))
+        assert err.value.key == key, override
+    with pytest.raises(ConfigError) as err:  # epochs give no step count when rows hold several samples
+        validate(compose(["stage=2", "data.pack_tokens=40000"], check=False))
+    assert err.value.key == "stage.max_steps"
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException, match="data.pack_tokens"):  # typed: Hydra refuses it
+        compose([*base, "data.pack_tokens=lots"], check=False)
+
+    class ModelConfig:
+        frames_per_clip, tokens_per_frame, tokens_per_image, max_grid = 4, 4, 16, 2
+
+    def typed(*overrides):
+        raw = compose([*base, "data.num_samples=64", *overrides])
+        raw.data.sources[0].shards = mix
+        return validate(raw)
+
+    lcfg, _ = loader_config(typed("data.pack_tokens=40000", "stage.micro_batch_size=2"), ModelConfig(), world_size=2)
+    # rows of 40000 tokens, 2 per micro-batch; 64 samples over 2 ranks x 2 rows: at most 16 batches a rank
+    assert (lcfg.pack_tokens, lcfg.pack_rows, lcfg.batches_per_epoch) == (40000, 2, 16)
+    lcfg, _ = loader_config(typed(), ModelConfig(), world_size=2)
+    assert lcfg.pack_tokens is None

@@ -42,7 +42,7 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from videoflash.config import ConfigError  # noqa: E402
 from videoflash.config.schema import FINETUNE_STAGE_ID, VideoFlashSchema  # noqa: E402
-from videoflash.data.collate import BATCH_KEYS  # noqa: E402
+from videoflash.data.collate import PACKED_BATCH_KEYS  # noqa: E402
 
 from . import adapters, distributed, ds_config, stages  # noqa: E402
 from .checkpoint import (  # noqa: E402
@@ -67,7 +67,7 @@ EXIT_CONFIG_ERROR = 2
 #: checkpoint is intact.
 EXIT_CHECKPOINT_FAILED = 1
 
-MODEL_KEYS = BATCH_KEYS[:8]  # the batch keys that the model's forward takes (docs/contracts.md)
+MODEL_KEYS = PACKED_BATCH_KEYS[:9]  # the batch keys that the model's forward takes (docs/contracts.md)
 
 
 @dataclass
@@ -174,6 +174,10 @@ class Trainer:
             self.model.activation_checkpointing_enable({"use_reentrant": False})
         self.flops = FlopsModel.from_config(self.model.config, sorted({*stage.trainable, *stages.adapted_parts(stage)}))
 
+        if cfg.data.pack_tokens and self.device.type == "cuda" and cfg.model.attn_implementation in ("sdpa", "eager"):
+            log.warning("packing with %s attention builds a dense block-diagonal mask over each micro-batch; "
+                        "model.attn_implementation=packed_varlen (flash-attn, torch's varlen or FlexAttention) "
+                        "does without it", cfg.model.attn_implementation)
         self.loader = self.build_loader()
         self.total_steps = self.count_steps()
         optimizer = self.build_optimizer()
