@@ -12,7 +12,13 @@ import pytest
 import torch
 
 from tests.tiny_model import IMAGE_TOKEN, random_frames, tiny_model
-from videoflash.model.packing import VARLEN, block_diagonal_attention, flex_document_attention, varlen_backend
+from videoflash.model.packing import (
+    VARLEN,
+    block_diagonal_attention,
+    flex_document_attention,
+    per_sample_attention,
+    varlen_backend,
+)
 
 # (layers, ratios, kinds) of the dropout schedules under test
 SCHEDULES = {
@@ -235,7 +241,8 @@ def test_flex_document_mask_and_block_diagonal_equal_each_sample_alone(kv_heads)
     want = torch.cat(pieces)
     assert torch.allclose(block_diagonal_attention(q, k, v, cu, 0.25), want, atol=1e-5)
     assert torch.allclose(flex_document_attention(q, k, v, cu, 0.25, compiled=False), want, atol=1e-5)
-    assert varlen_backend(q.device) == "sdpa_block_diagonal"
+    assert torch.allclose(per_sample_attention(q, k, v, cu, 0.25), want, atol=1e-5)
+    assert varlen_backend(q.device) == "sdpa_per_sample"
 
 
 def test_packed_batch_errors_are_clear():

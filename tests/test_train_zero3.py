@@ -36,7 +36,8 @@ optimized = sum(int(t.numel()) for t in trainer.optimizer.fp32_partitioned_group
 rc = trainer.fit()
 trainer.close()
 with open(f"{out}.rank{trainer.rank}", "w") as f:
-    json.dump({"world": trainer.world, "held": held, "optimized": optimized, "rc": rc}, f)
+    json.dump({"world": trainer.world, "held": held, "optimized": optimized, "rc": rc,
+               "attn": trainer.engine.module.language_model.config._attn_implementation}, f)
 distributed.shutdown()
 '''
 
@@ -110,7 +111,9 @@ def test_packed_rows_with_text_guided_dropout_on_two_zero3_ranks(tmp_path, tiny_
                str(out), f"stage={stage}", *tiny_overrides(run_root, steps=2, extra=packing)]
         res = subprocess.run(cmd, env=ds_env, capture_output=True, text=True, timeout=400)
         assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-        assert all(json.loads(Path(f"{out}.rank{r}").read_text())["rc"] == 0 for r in (0, 1))
+        for r in (0, 1):
+            rep = json.loads(Path(f"{out}.rank{r}").read_text())
+            assert rep["rc"] == 0 and rep["attn"] == "packed_varlen"  # sdpa + packing: the varlen path
         info = json.loads((run_root / f"stage{stage}" / "export" / "training_state.json").read_text())
         assert info["completed"] and info["step"] == 2
         # 2 steps x 4 rows over both ranks: packed rows carried more samples than rows

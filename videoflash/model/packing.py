@@ -15,7 +15,7 @@ the last). Inside the model every sample of the micro-batch is laid end to end i
   - ``packed_varlen`` (registered here with ``transformers.AttentionInterface``): the
     cumulative lengths, for :func:`varlen_attention`, which picks flash-attn's varlen kernel when it
     is installed, else PyTorch's own (``torch.nn.attention.varlen``), else FlexAttention with a
-    document mask, all on CUDA; on CPU the block-diagonal mask with SDPA. Unpacked calls
+    document mask, all on CUDA; elsewhere causal SDPA sample by sample. Unpacked calls
     (decoding, unpacked batches) go to transformers' SDPA function unchanged;
 * drops its own visual tokens at the drop points (uniform: evenly over its own span; text-guided:
   by the attention of its own query tokens onto its own visual tokens), its boundaries shrinking;
@@ -292,9 +292,9 @@ def _compiled_flex():
 
 def varlen_backend(device: torch.device, head_dim: int = 128) -> str:
     """The kernel :func:`varlen_attention` uses on ``device``: ``flash_attn`` | ``torch_varlen`` |
-    ``flex`` (CUDA) or ``sdpa_block_diagonal`` (CPU)."""
+    ``flex`` (CUDA) or ``sdpa_per_sample`` (elsewhere)."""
     if device.type != "cuda":
-        return "sdpa_block_diagonal"
+        return "sdpa_per_sample"
     if _flash_attn_varlen() is not None:
         return "flash_attn"
     if _torch_varlen() is not None and head_dim <= 256:
@@ -315,6 +315,19 @@ def block_diagonal_attention(q, k, v, cu_seqlens, scale):
     out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], kk.transpose(0, 1)[None], vv.transpose(0, 1)[None],
                                          attn_mask=allowed, scale=scale)  # fmt: skip
     return out[0].transpose(0, 1)
+
+
+def per_sample_attention(q, k, v, cu_seqlens, scale):
+    """Causal SDPA on each sample by itself (exact, and only the blocks on the diagonal are
+    computed: the CPU kernel); the layout of :func:`block_diagonal_attention`."""
+    groups = q.shape[1] // k.shape[1]
+    out = []
+    for s, e in zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist()):
+        qs, ks, vs = (x[s:e].transpose(0, 1) for x in (q, k, v))
+        if groups > 1:
+            ks, vs = ks.repeat_interleave(groups, dim=0), vs.repeat_interleave(groups, dim=0)
+        out.append(F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale).transpose(0, 1))
+    return torch.cat(out, 0)
 
 
 def flex_document_attention(q, k, v, cu_seqlens, scale, compiled: bool = True):
@@ -365,7 +378,7 @@ def varlen_attention(module, query, key, value, attention_mask, scaling=None, dr
     elif backend == "flex":
         out = flex_document_attention(q, k, v, cu, scale)
     else:
-        out = block_diagonal_attention(q, k, v, cu, scale)
+        out = per_sample_attention(q, k, v, cu, scale)
     return out[None], None
 
 
