@@ -222,6 +222,7 @@ def test_varlen_implementation_equals_the_block_diagonal_mask():
     assert torch.allclose(a, b, atol=1e-6)
 
 
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")  # its eager reference, on purpose
 @pytest.mark.parametrize("kv_heads", [4, 2])
 def test_flex_document_mask_and_block_diagonal_equal_each_sample_alone(kv_heads):
     # the kernels of a packed sequence against causal SDPA on each sample by itself; FlexAttention
