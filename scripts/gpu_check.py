@@ -8,6 +8,12 @@ line to ``--out`` and prints a summary.
   clips at 224 px = 784 tokens, at 448 px = 3136) in bf16, through every kernel this machine has --
   flash-attn's packed kernel (when installed) and SDPA's flash / memory-efficient / cuDNN backends --
   against SDPA's math backend in float32: the largest absolute error and the time per call.
+- ``packed``: attention over one packed row of samples (samples of 1.5k-12k tokens summing to 32k,
+  at Qwen2-7B's 28 query / 4 KV heads of 128) in bf16 through every varlen kernel this machine has --
+  flash-attn's ``flash_attn_varlen_func``, PyTorch's ``varlen_attn``, FlexAttention with a document
+  mask (compiled), SDPA sample by sample, and the dense block-diagonal mask where it fits -- against
+  causal SDPA sample by sample in float32: the largest absolute error of the output and of the
+  gradients, the time of forward + backward, and the kernel ``packed_varlen`` picks here.
 - ``train``: bf16 training steps of a VideoChat-Flash-2B-shaped model with random weights (UMT-L at
   224 px, 16 tokens per frame, a Qwen2.5-1.5B-shaped LLM) under DeepSpeed ZeRO-3 over NCCL, launched
   by torchrun, on synthetic frames and tokens (no data files): tokens/s, model TFLOP/s per GPU and MFU
@@ -101,6 +107,63 @@ def check_attention(device, tiny: bool) -> list[dict]:
     return rows
 
 
+def check_packed(device, tiny: bool) -> list[dict]:
+    """The kernels of packed rows against causal SDPA on each sample alone in float32."""
+    from videoflash.model import packing
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    heads, kv_heads, dim = (4, 2, 16) if tiny else (28, 4, 128)
+    lengths = [40, 7, 81, 1] if tiny else [8192, 1500, 12000, 6000, 4576]
+    total = sum(lengths)
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=device)
+    g = torch.Generator(device="cpu").manual_seed(0)
+    base = [torch.randn(total, h, dim, generator=g).to(device) for h in (heads, kv_heads, kv_heads)]
+    weight = torch.randn(total, heads, dim, generator=g).to(device)
+    scale = dim**-0.5
+
+    def grads(fn, dt, backward=True):
+        q, k, v = (x.to(dt).requires_grad_(backward) for x in base)
+        out = fn(q, k, v)
+        if not backward:
+            return out.float(), None
+        (out.float() * weight).sum().backward()
+        return out.float(), [x.grad.float() for x in (q, k, v)]
+
+    ref_out, ref_grads = grads(lambda q, k, v: packing.per_sample_attention(q, k, v, cu, scale), torch.float32)
+    longest = max(lengths)
+    kernels = {"sdpa_per_sample": (lambda q, k, v: packing.per_sample_attention(q, k, v, cu, scale), True)}
+    if total <= 8192:
+        kernels["sdpa_block_diagonal"] = (lambda q, k, v: packing.block_diagonal_attention(q, k, v, cu, scale), True)
+    if device.type == "cuda":
+        kernels["flex_document"] = (lambda q, k, v: packing.flex_document_attention(q, k, v, cu, scale), True)
+        if packing._flash_attn_varlen() is not None:
+            kernels["flash_attn_varlen"] = (lambda q, k, v: packing._flash_attn_varlen()(
+                q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=longest, max_seqlen_k=longest,
+                softmax_scale=scale, causal=True), True)  # fmt: skip
+        if packing._torch_varlen() is not None:
+            kernels["torch_varlen"] = (lambda q, k, v: packing._torch_varlen()(
+                q, k, v, cu, cu, longest, longest, scale=scale, window_size=(-1, 0), enable_gqa=True), True)  # fmt: skip
+    else:  # FlexAttention's eager reference runs forward only on CPU
+        kernels["flex_document_eager"] = (lambda q, k, v: packing.flex_document_attention(q, k, v, cu, scale,
+                                                                                          compiled=False), False)  # fmt: skip
+    rows = []
+    for name, (fn, backward) in kernels.items():
+        try:
+            out, grad = grads(fn, dtype, backward)
+            sec = _time(lambda: grads(fn, dtype, backward), device, 3 if tiny else 10)
+        except Exception as exn:  # a kernel this GPU / build / shape does not support
+            rows.append({"check": "packed", "kernel": name, "tokens": total, "error": f"{type(exn).__name__}: "
+                         + str(exn).splitlines()[0][:200]})  # fmt: skip
+            continue
+        row = {"check": "packed", "kernel": name, "dtype": str(dtype), "tokens": total, "samples": len(lengths),
+               "max_abs_err": (out - ref_out).abs().max().item(), "ms_fwd_bwd" if backward else "ms_fwd": sec * 1e3}
+        if grad is not None:
+            row["max_abs_grad_err"] = max((a - b).abs().max().item() for a, b in zip(grad, ref_grads))
+        rows.append(row)
+    rows.append({"check": "packed", "kernel": "chosen", "packed_varlen_uses": packing.varlen_backend(device, dim)})
+    return rows
+
+
 def check_train(device, tiny: bool, steps: int, frames: int, text_tokens: int) -> dict:
     """bf16 ZeRO-3 steps on synthetic data; tokens/s, TFLOP/s, MFU, peak memory."""
     import deepspeed
@@ -167,7 +230,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="JSON lines written here")
     p.add_argument("--tiny", action="store_true", help="tiny shapes: a CPU smoke run of the same code")
-    p.add_argument("--checks", nargs="+", default=["attention", "train"], choices=["attention", "train"])
+    p.add_argument("--checks", nargs="+", default=["attention", "packed", "train"], choices=["attention", "packed", "train"])
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--frames", type=int, default=256, help="train: frames per sample (16 tokens each)")
     p.add_argument("--text-tokens", type=int, default=1024, help="train: text tokens per sample")
@@ -180,6 +243,8 @@ def main(argv=None) -> int:
     rows = []
     if "attention" in a.checks and rank == 0:
         rows += check_attention(device, a.tiny)
+    if "packed" in a.checks and rank == 0:
+        rows += check_packed(device, a.tiny)
     if "train" in a.checks:
         rows.append(check_train(device, a.tiny, a.steps, a.frames if not a.tiny else 8, a.text_tokens if not a.tiny else 32))
     if rank == 0:

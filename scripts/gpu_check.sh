@@ -5,6 +5,8 @@
 #   scripts/gpu_check.sh                     # there (the device tool: carry .whl)
 #
 # 1. attention kernels (flash-attn if installed, SDPA backends) against SDPA's float32 math, UMT shapes;
+#    and the kernels of packed rows (flash-attn varlen, torch varlen, FlexAttention document mask,
+#    SDPA per sample) against float32 SDPA sample by sample, forward and gradients, at 32k tokens;
 # 2. bf16 training steps of a VideoChat-Flash-2B-shaped random model under DeepSpeed ZeRO-3 over NCCL:
 #    tokens/s, TFLOP/s, MFU, peak memory (scripts/gpu_check.py);
 # 3. the long-video frame search at Qwen2-7B width, with and without the published visual dropout
@@ -33,7 +35,7 @@ step() {  # step NAME SECONDS COMMAND...
     echo "rc=$?" >> "$OUT/$name.log"
     tail -n 4 "$OUT/$name.log"
 }
-step checks 240 torchrun --nproc_per_node 1 scripts/gpu_check.py --out "$OUT/checks.jsonl"
+step checks 300 torchrun --nproc_per_node 1 scripts/gpu_check.py --out "$OUT/checks.jsonl"
 step long_video 150 python3 scripts/bench_long_video.py --device cuda --search
 step kv_search 200 python3 scripts/bench_long_video.py --kv --device cuda --search --yarn 4
 cat "$OUT/env.txt"

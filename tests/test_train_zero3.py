@@ -36,7 +36,8 @@ optimized = sum(int(t.numel()) for t in trainer.optimizer.fp32_partitioned_group
 rc = trainer.fit()
 trainer.close()
 with open(f"{out}.rank{trainer.rank}", "w") as f:
-    json.dump({"world": trainer.world, "held": held, "optimized": optimized, "rc": rc}, f)
+    json.dump({"world": trainer.world, "held": held, "optimized": optimized, "rc": rc,
+               "attn": trainer.engine.module.language_model.config._attn_implementation}, f)
 distributed.shutdown()
 '''
 
@@ -92,3 +93,28 @@ def test_four_stages_on_two_zero3_ranks(tmp_path, tiny_overrides, ds_env):
             names = [n for n in after if part(n) == p]
             changed = any(not torch.equal(after[n], before[stage][n].to(torch.bfloat16).float()) for n in names)
             assert changed == (p in TRAINS[stage]), f"stage {stage}: {p} changed={changed}"
+
+
+def test_packed_rows_with_text_guided_dropout_on_two_zero3_ranks(tmp_path, tiny_overrides, ds_env):
+    # packing on (rows of up to 1024 tokens, 2 rows per micro-batch) with text-guided dropout in
+    # training: each rank's rows hold a varying number of samples, yet every rank runs the same
+    # micro-batches and module calls per step (a mismatch hangs or fails gloo), and the stages end
+    probe = tmp_path / "probe.py"
+    probe.write_text(PROBE)
+    run_root = tmp_path / "run"
+    packing = ["data.pack_tokens=1024", "stage.max_tokens=1024", "model.visual_dropout_layers=[1]",
+               "model.visual_dropout_keep_ratios=[0.5]", "model.visual_dropout_kinds=[text]",
+               "model.visual_dropout_in_training=true"]  # fmt: skip
+    for stage in (1, 2):
+        out = tmp_path / f"stage{stage}.json"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(probe),
+               str(out), f"stage={stage}", *tiny_overrides(run_root, steps=2, extra=packing)]
+        res = subprocess.run(cmd, env=ds_env, capture_output=True, text=True, timeout=400)
+        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+        for r in (0, 1):
+            rep = json.loads(Path(f"{out}.rank{r}").read_text())
+            assert rep["rc"] == 0 and rep["attn"] == "packed_varlen"  # sdpa + packing: the varlen path
+        info = json.loads((run_root / f"stage{stage}" / "export" / "training_state.json").read_text())
+        assert info["completed"] and info["step"] == 2
+        # 2 steps x 4 rows over both ranks: packed rows carried more samples than rows
+        assert info["samples_seen"] > 2 * 4, info

@@ -122,9 +122,15 @@ class DataSchema:
     num_samples: Optional[int] = None  # samples in one epoch of the mix (the loader's samples_per_epoch); null = read the shard index
     num_workers: int = 2
     shuffle_buffer: int = 1000  # samples per shuffle window of the loader (rounded up to whole units)
-    # null: a fixed number of samples per micro-batch (stage.micro_batch_size); otherwise the
-    # loader packs micro-batches up to this many tokens (text + visual)
+    # null: a fixed number of samples per micro-batch (stage.micro_batch_size); otherwise a
+    # micro-batch holds at most micro_batch_size samples, padded to its longest, with
+    # samples x longest <= this many tokens (text + visual): it only shrinks batches, it does not pack
     max_batch_tokens: Optional[int] = None
+    # null or 0: padded micro-batches. Otherwise PACKING: samples end to end in rows of at most
+    # this many tokens (text + visual; >= stage.max_tokens), each sample with its own positions,
+    # attention and visual dropout; stage.micro_batch_size and stage.global_batch_size then count
+    # rows, and stage.max_steps sets the stage's length (docs/data.md, "Packing")
+    pack_tokens: Optional[int] = None
     # videos decode in a child process per loader stream, so that a file that crashes or hangs the
     # native decoder costs one sample (docs/data.md, "Decoder isolation"); "inline" opts out
     decode_isolation: str = "subprocess"

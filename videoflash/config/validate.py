@@ -134,7 +134,8 @@ def validate(cfg: DictConfig) -> VideoFlashSchema:
     _choice("model.tokenizer.kind", m.tokenizer.kind, ("tiny", "pretrained"))
     if m.tokenizer.kind == "pretrained" and not (m.tokenizer.path or m.text.pretrained):
         raise ConfigError("model.tokenizer.path", "a pretrained tokenizer needs a path (or model.text.pretrained)")
-    _choice("model.attn_implementation", m.attn_implementation, ("sdpa", "eager", "flash_attention_2"))
+    _choice("model.attn_implementation", m.attn_implementation,
+            ("sdpa", "eager", "flash_attention_2", "flex_attention", "packed_varlen"))
 
     # -- data ------------------------------------------------------------------------------------
     if not d.sources:
@@ -144,6 +145,16 @@ def validate(cfg: DictConfig) -> VideoFlashSchema:
     _positive("data.num_samples", d.num_samples)
     _positive("data.num_workers", d.num_workers, allow_zero=True)
     _positive("data.max_batch_tokens", d.max_batch_tokens)
+    _positive("data.pack_tokens", d.pack_tokens, allow_zero=True)
+    if d.pack_tokens:
+        if d.max_batch_tokens is not None:
+            raise ConfigError("data.pack_tokens", "packing and data.max_batch_tokens exclude each other; set one")
+        if d.pack_tokens < s.max_tokens:
+            raise ConfigError("data.pack_tokens", f"{d.pack_tokens} < stage.max_tokens={s.max_tokens}: the longest "
+                              "samples the stage admits would never fit a row")
+        if s.max_steps is None:
+            raise ConfigError("stage.max_steps", "with packing (data.pack_tokens) a row holds a varying number of "
+                              "samples, so epochs do not give a step count: set the stage's optimizer steps")
     _choice("data.decode_isolation", d.decode_isolation, ("subprocess", "inline"))
     _positive("data.decode_timeout_s", d.decode_timeout_s)
 

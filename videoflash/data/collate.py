@@ -1,8 +1,10 @@
-"""Padding collation into the batch of docs/contracts.md section 1.
+"""Collation into the batch of docs/contracts.md section 1.
 
 A :class:`Sample` is one decoded, tokenized training sample; :func:`collate` right-pads the token ids
 with ``pad_token_id``, builds the attention mask, pads labels with ``-100`` and concatenates the
-uint8 frames and image tiles of the micro-batch, sample after sample.
+uint8 frames and image tiles of the micro-batch, sample after sample. :func:`collate_packed` puts
+several samples end to end in each row instead and says where each one is (``sample_lengths``);
+the per-sample keys then list every sample of the micro-batch, row after row.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from torch.utils.data import get_worker_info
 
 from .conversation import IGNORE_INDEX
 
-__all__ = ["Sample", "collate", "BATCH_KEYS"]
+__all__ = ["Sample", "collate", "collate_packed", "BATCH_KEYS", "PACKED_BATCH_KEYS"]
 
 #: keys of a batch; the first eight are the model's ``forward`` arguments
 BATCH_KEYS = (
@@ -31,6 +33,8 @@ BATCH_KEYS = (
     "keys",
     "sources",
 )
+#: keys of a packed batch: ``sample_lengths`` (a ninth argument of the model's ``forward``) added
+PACKED_BATCH_KEYS = (*BATCH_KEYS[:8], "sample_lengths", *BATCH_KEYS[8:])
 
 
 @dataclass
@@ -78,16 +82,39 @@ def collate(samples: list[Sample], pad_token_id: int, image_size: int) -> dict:
     """Batch ``samples`` (see docs/contracts.md section 1 for every key)."""
     if not samples:
         raise ValueError("cannot collate an empty batch")
-    b = len(samples)
-    seq = max(int(s.input_ids.numel()) for s in samples)
+    return _batch([[s] for s in samples], pad_token_id, image_size)
+
+
+def collate_packed(rows: list[list[Sample]], pad_token_id: int, image_size: int) -> dict:
+    """Batch packed ``rows``: each row holds its samples end to end, then right padding;
+    ``sample_lengths[r]`` gives the ``input_ids`` lengths of row ``r``'s samples (zeros after the
+    last). The per-sample keys list every sample, row after row."""
+    if not rows or not all(rows):
+        raise ValueError("cannot collate an empty packed batch (or an empty row)")
+    batch = _batch(rows, pad_token_id, image_size)
+    k = max(len(r) for r in rows)
+    lengths = torch.zeros((len(rows), k), dtype=torch.long)
+    for i, row in enumerate(rows):
+        lengths[i, : len(row)] = torch.tensor([int(s.input_ids.numel()) for s in row], dtype=torch.long)
+    return {key: (lengths if key == "sample_lengths" else batch[key]) for key in PACKED_BATCH_KEYS}
+
+
+def _batch(rows: list[list[Sample]], pad_token_id: int, image_size: int) -> dict:
+    b = len(rows)
+    seq = max(sum(int(s.input_ids.numel()) for s in row) for row in rows)
     input_ids = torch.full((b, seq), int(pad_token_id), dtype=torch.long)
     attention_mask = torch.zeros((b, seq), dtype=torch.long)
     labels = torch.full((b, seq), IGNORE_INDEX, dtype=torch.long)
-    for i, s in enumerate(samples):
-        n = int(s.input_ids.numel())
-        input_ids[i, :n] = s.input_ids
-        attention_mask[i, :n] = 1
-        labels[i, :n] = s.labels
+    for i, row in enumerate(rows):
+        at = 0
+        for s in row:
+            n = int(s.input_ids.numel())
+            input_ids[i, at : at + n] = s.input_ids
+            attention_mask[i, at : at + n] = 1
+            labels[i, at : at + n] = s.labels
+            at += n
+    samples = [s for row in rows for s in row]
+    b = len(samples)
     frames = [s.frames for s in samples if s.frames is not None and s.frames.shape[0]]
     tiles = [s.tiles for s in samples if s.tiles is not None and s.tiles.shape[0]]
     return {

@@ -28,6 +28,11 @@ index (``{prefix}-index.json``):
    ``tokens_per_frame * frames + tokens_per_image * tiles``, plus its text tokens); a batch closes when
    the next sample would break the budget (that sample opens the next batch) or when it reaches
    ``max_batch_size``. A sample longer than ``max_sample_tokens`` is skipped (``too_long``).
+   **Packing** (``pack_tokens``): samples are laid end to end in rows of at most ``pack_tokens``
+   tokens instead, in stream order (i.e. the order the shuffle window gives); a row closes when the
+   next sample would overflow it (that sample opens the next row), and a batch is ``pack_rows``
+   rows (:func:`.collate.collate_packed`, which records each sample's length). No sample is held
+   back or reordered, so the position after a batch is all that resume needs, as without packing.
 6. Every stream yields exactly ``ceil(batches_per_epoch / W)`` batches per epoch, so every rank yields
    the same number of batches (DataLoader workers are served round robin). A stream that has used
    the last unit of the epoch reads on into the next epoch's units rather than stopping.
@@ -59,7 +64,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .collate import Sample, collate
+from .collate import Sample, collate, collate_packed
 from .conversation import ConversationTokenizer, normalize_conversation, place_placeholder, time_message
 from .decode import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, MediaError, VideoDecoder, decode_image, image_tiles
 from .isolation import Isolated, IsolationError
@@ -125,6 +130,9 @@ class LoaderConfig:
         max_batch_size: samples per batch at most.
         max_sample_tokens: longer samples are skipped (default: ``max_tokens_per_batch``).
         batches_per_epoch: batches per rank per epoch (rounded up to a multiple of the worker count).
+        pack_tokens: None (padded batches) or the tokens of one packed row: samples end to end, each
+            row at most this long; a longer sample is skipped (``too_long``).
+        pack_rows: packed rows per batch (with ``pack_tokens``).
     Streaming (see :mod:`.units`):
         num_workers: DataLoader workers (= streams per rank); 0 runs one stream in-process.
         seed: the seed of every unit order, mix draw and shuffle.
@@ -172,6 +180,8 @@ class LoaderConfig:
     max_consecutive_errors: int = 1000
     decode_isolation: str = "subprocess"
     decode_timeout_s: float = 120.0
+    pack_tokens: int | None = None
+    pack_rows: int = 1
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first bad field."""
@@ -179,7 +189,7 @@ class LoaderConfig:
         pos = (
             "image_size", "max_frames", "local_num_frames", "max_image_grid", "max_tokens_per_batch",
             "max_batch_size", "batches_per_epoch", "shuffle_buffer", "unit_samples", "log_every",
-            "max_consecutive_errors", "decode_threads",
+            "max_consecutive_errors", "decode_threads", "pack_rows",
         )  # fmt: skip
         for name in pos:
             if int(getattr(self, name)) < 1:
@@ -201,12 +211,15 @@ class LoaderConfig:
             )
         if not float(self.decode_timeout_s) > 0:
             raise ValueError(f"LoaderConfig.decode_timeout_s must be > 0, got {self.decode_timeout_s!r}")
+        if self.pack_tokens is not None and int(self.pack_tokens) < 1:
+            raise ValueError(f"LoaderConfig.pack_tokens must be >= 1 or None, got {self.pack_tokens!r}")
         if not self.sources:
             raise ValueError("LoaderConfig.sources is empty")
 
     @property
     def sample_token_limit(self) -> int:
-        return int(self.max_sample_tokens or self.max_tokens_per_batch)
+        limit = int(self.max_sample_tokens or self.max_tokens_per_batch)
+        return min(limit, int(self.pack_tokens)) if self.pack_tokens else limit
 
     @property
     def window_units(self) -> int:
@@ -599,8 +612,11 @@ class _Stream:
         return sample
 
     # -- batches ----------------------------------------------------------------------------------
-    def _emit(self, items: list[Sample], position, batches: int) -> dict:
-        batch = collate(items, self.pad_id, self.cfg.image_size)
+    def _emit(self, items: list, position, batches: int) -> dict:
+        if self.cfg.pack_tokens:
+            batch = collate_packed(items, self.pad_id, self.cfg.image_size)
+        else:
+            batch = collate(items, self.pad_id, self.cfg.image_size)
         read, used = self.read_bytes(), self.bytes_used
         batch["_stream"] = {
             "stream": self.logical,
@@ -628,6 +644,8 @@ class _Stream:
         self._reported = (0, 0)
         cur: list[Sample] = []
         longest = 0
+        rows: list[list[Sample]] = [[]]  # packing: the rows of the batch being filled
+        used = 0  # tokens in its last row
         consecutive = 0
         last = (self.window, self.offset)  # the position before the current sample
         for after, (t, m) in self.raw():
@@ -651,6 +669,20 @@ class _Stream:
                     )
                 continue
             consecutive = 0
+            if cfg.pack_tokens:  # next fit, in stream order: rows of at most pack_tokens tokens
+                if rows[-1] and used + item.length > cfg.pack_tokens:
+                    if len(rows) == cfg.pack_rows:
+                        emitted += 1
+                        yield self._emit(rows, last, emitted)
+                        if emitted >= self.batches_target:
+                            return
+                        rows = []
+                    rows.append([])
+                    used = 0
+                rows[-1].append(item)
+                used += item.length
+                last = after
+                continue
             new_longest = max(longest, item.length)
             if cur and (len(cur) + 1) * new_longest > cfg.max_tokens_per_batch:
                 emitted += 1

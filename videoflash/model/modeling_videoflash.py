@@ -34,6 +34,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from .anyres import resize_square
 from .configuration_videoflash import VideoFlashConfig
 from .merging import merge_tokens
+from .packing import packed_layers, splice_packed
 from .umt import UMTEncoder
 from .visual_dropout import keep_count, text_guided_scores, topk_keep, uniform_keep
 
@@ -93,6 +94,7 @@ class VideoFlashPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["Block", "Qwen2DecoderLayer"]
     _supports_sdpa = True
     _supports_flash_attn = True
+    _supports_flex_attn = True
     _supports_attention_backend = True
     _skip_keys_device_placement = ["cache", "past_key_values"]
 
@@ -472,6 +474,7 @@ class VideoFlashForConditionalGeneration(VideoFlashPreTrainedModel, GenerationMi
         use_cache: bool | None = None,
         dropout_query_positions: torch.Tensor | None = None,
         video_embeds: torch.Tensor | None = None,
+        sample_lengths: torch.Tensor | None = None,
         logits_to_keep: int = 0,
         return_dict: bool = True,
         **kwargs,
@@ -484,7 +487,13 @@ class VideoFlashForConditionalGeneration(VideoFlashPreTrainedModel, GenerationMi
         given and the last real token otherwise (the last prompt token at prefill).
 
         ``video_embeds`` (inference) replaces ``pixel_values_videos`` by visual tokens computed
-        beforehand (:meth:`encode_video_chunked`), with the same ``video_frame_counts``."""
+        beforehand (:meth:`encode_video_chunked`), with the same ``video_frame_counts``.
+
+        ``sample_lengths`` (``[rows, K]``) marks a packed batch: each row holds whole samples end to
+        end, of these ``input_ids`` lengths (zeros after the last); the per-sample keys
+        (``video_frame_counts``, ``dropout_query_positions``, ...) then list every sample of the
+        micro-batch in order. The samples run as one flat sequence ``[1, T]`` (the logits and the
+        loss are over it), each with its own positions, attention and dropout (:mod:`.packing`)."""
         if cache is None:  # the name of transformers releases before 5.2x
             cache = kwargs.pop("past_key_values", None)
         if input_ids is None:
@@ -522,6 +531,17 @@ class VideoFlashForConditionalGeneration(VideoFlashPreTrainedModel, GenerationMi
                 hidden = layer(hidden, attention_mask=mask4d, position_ids=pos, use_cache=True,
                                position_embeddings=pe, **{cache_kw: cache})
             new_labels = None
+        elif sample_lengths is not None:  # a packed batch (training)
+            if use_cache:
+                raise ValueError("packed batches (sample_lengths) are for training; they cannot fill a KV cache")
+            per_sample, anchor = self._visual_tokens_per_sample(
+                int((sample_lengths > 0).sum()), pixel_values_videos, video_frame_counts, pixel_values_images,
+                image_tile_counts, image_grids, video_embeds,
+            )
+            hidden, new_labels, segments = splice_packed(
+                self, input_ids, attention_mask, labels, sample_lengths, per_sample, anchor, dropout_query_positions
+            )
+            hidden, new_labels, _ = packed_layers(self, layers, decoder, hidden, new_labels, segments, schedule, cache_kw)
         else:  # training or prefill
             per_sample, anchor = self._visual_tokens_per_sample(
                 input_ids.shape[0], pixel_values_videos, video_frame_counts, pixel_values_images,

@@ -57,35 +57,34 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def text_guided_scores(
+def text_guided_attention(
     hidden_states: torch.Tensor,
     layer: torch.nn.Module,
     position_embeddings: tuple[torch.Tensor, torch.Tensor],
     query_index: torch.Tensor,
-    query_valid: torch.Tensor,
     key_valid: torch.Tensor,
+    query_start: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Mean attention of the query tokens onto every token, as ``layer`` would compute it.
+    """Attention of each query token onto every token, averaged over heads, as ``layer`` computes it.
 
     Args:
         hidden_states: ``[B, L, D]`` input of ``layer`` (detached here: selection is not trained).
         layer: an HF decoder layer with ``input_layernorm`` and ``self_attn.{q_proj,k_proj}``.
         position_embeddings: ``(cos, sin)`` of shape ``[B, L, head_dim]`` at the current positions.
         query_index: ``[B, Q]`` positions of the query tokens (padded entries arbitrary).
-        query_valid: ``[B, Q]`` bool, which entries of ``query_index`` are real.
         key_valid: ``[B, L]`` bool, which tokens are real (not padding).
+        query_start: ``[B, Q]`` or None: in a packed row, the first token of each query's own
+            sample; keys before it (other samples) get no attention.
 
     Returns:
-        ``[B, L]`` in the dtype of ``hidden_states``: softmax(QK^T / sqrt(d) + causal mask) averaged
-        over heads, then over the valid queries of each sample. Keys after a query (causal) or
-        padding get no attention. QK^T and the means run in the model's dtype and the softmax in
-        float32 cast back to it, as the reference does (so a bf16 model picks what the original picks).
+        ``[B, Q, L]`` in the model's dtype: softmax(QK^T / sqrt(d) + mask) averaged over heads. QK^T
+        and the mean run in the model's dtype and the softmax in float32 cast back to it, as the
+        reference does (so a bf16 model picks what the original picks).
     """
     attn = layer.self_attn
     head_dim = attn.head_dim
     groups = attn.num_key_value_groups
     bsz, length, _ = hidden_states.shape
-    dtype = hidden_states.dtype
     with torch.no_grad():
         normed = layer.input_layernorm(hidden_states.detach())
         q_in = torch.gather(normed, 1, query_index[..., None].expand(-1, -1, normed.shape[-1]))
@@ -100,9 +99,35 @@ def text_guided_scores(
         logits = torch.matmul(q, k.transpose(2, 3)) / math.sqrt(head_dim)  # [B,H,Q,L]
         keys = torch.arange(length, device=hidden_states.device)
         allowed = (keys[None, None, :] <= query_index[..., None]) & key_valid[:, None, :]  # [B,Q,L]
+        if query_start is not None:
+            allowed = allowed & (keys[None, None, :] >= query_start[..., None])
         logits = logits.masked_fill(~allowed[:, None], torch.finfo(logits.dtype).min)
-        probs = logits.softmax(dim=-1, dtype=torch.float32).to(logits.dtype).mean(dim=1)  # [B,Q,L]
+        return logits.softmax(dim=-1, dtype=torch.float32).to(logits.dtype).mean(dim=1)  # [B,Q,L]
+
+
+def text_guided_scores(
+    hidden_states: torch.Tensor,
+    layer: torch.nn.Module,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor],
+    query_index: torch.Tensor,
+    query_valid: torch.Tensor,
+    key_valid: torch.Tensor,
+) -> torch.Tensor:
+    """Mean attention of the query tokens onto every token, as ``layer`` would compute it.
+
+    Args: those of :func:`text_guided_attention`, plus ``query_valid``: ``[B, Q]`` bool, which
+    entries of ``query_index`` are real.
+
+    Returns:
+        ``[B, L]`` in the dtype of ``hidden_states``: softmax(QK^T / sqrt(d) + causal mask) averaged
+        over heads, then over the valid queries of each sample. Keys after a query (causal) or
+        padding get no attention. QK^T and the means run in the model's dtype and the softmax in
+        float32 cast back to it, as the reference does (so a bf16 model picks what the original picks).
+    """
+    bsz, length, _ = hidden_states.shape
+    with torch.no_grad():
+        probs = text_guided_attention(hidden_states, layer, position_embeddings, query_index, key_valid)
         rows = [probs[b, query_valid[b]].mean(0) if query_valid[b].any() else probs.new_zeros(length)
                 for b in range(bsz)]
-        probs = torch.stack(rows).to(dtype)
+        probs = torch.stack(rows).to(hidden_states.dtype)
     return probs

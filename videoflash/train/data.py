@@ -10,6 +10,9 @@ What comes from where:
 - samples per micro-batch: ``stage.micro_batch_size``; the token budget of a micro-batch is
   ``data.max_batch_tokens`` or, when null, ``micro_batch_size * stage.max_tokens`` (so every
   micro-batch holds exactly ``micro_batch_size`` samples and the global batch is exact);
+- packing (``data.pack_tokens``): rows of at most that many tokens, ``stage.micro_batch_size`` rows
+  per micro-batch; an epoch of the loader is counted as if each row held one sample (an upper
+  bound: the stream reads on through the mix's next epochs), the stage's length is ``stage.max_steps``;
 - one epoch = the sources' samples (from their indexes, or ``data.num_samples``, which is then also
   the loader's ``samples_per_epoch``) split over ranks.
 """
@@ -86,6 +89,8 @@ def loader_config(cfg: VideoFlashSchema, model_config, world_size: int):
         shuffle_buffer=data.shuffle_buffer,
         decode_isolation=data.decode_isolation,
         decode_timeout_s=data.decode_timeout_s,
+        pack_tokens=data.pack_tokens or None,
+        pack_rows=stage.micro_batch_size,
     ), samples
 
 

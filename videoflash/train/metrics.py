@@ -36,7 +36,7 @@ class StepStats:
     def add(self, loss: float, batch: dict[str, Any], flops: float) -> None:
         self.loss_sum += loss
         self.micro_batches += 1
-        self.samples += int(batch["input_ids"].shape[0])
+        self.samples += len(batch["keys"]) if "keys" in batch else int(batch["input_ids"].shape[0])  # packed rows hold several
         self.text_tokens += int(batch["num_text_tokens"].sum()) if "num_text_tokens" in batch else int(batch["attention_mask"].sum())
         self.visual_tokens += int(batch["num_visual_tokens"].sum()) if "num_visual_tokens" in batch else 0
         self.flops += flops

@@ -42,7 +42,7 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from videoflash.config import ConfigError  # noqa: E402
 from videoflash.config.schema import FINETUNE_STAGE_ID, VideoFlashSchema  # noqa: E402
-from videoflash.data.collate import BATCH_KEYS  # noqa: E402
+from videoflash.data.collate import PACKED_BATCH_KEYS  # noqa: E402
 
 from . import adapters, distributed, ds_config, stages  # noqa: E402
 from .checkpoint import (  # noqa: E402
@@ -67,7 +67,7 @@ EXIT_CONFIG_ERROR = 2
 #: checkpoint is intact.
 EXIT_CHECKPOINT_FAILED = 1
 
-MODEL_KEYS = BATCH_KEYS[:8]  # the batch keys that the model's forward takes (docs/contracts.md)
+MODEL_KEYS = PACKED_BATCH_KEYS[:9]  # the batch keys that the model's forward takes (docs/contracts.md)
 
 
 @dataclass
@@ -174,6 +174,10 @@ class Trainer:
             self.model.activation_checkpointing_enable({"use_reentrant": False})
         self.flops = FlopsModel.from_config(self.model.config, sorted({*stage.trainable, *stages.adapted_parts(stage)}))
 
+        if cfg.data.pack_tokens and self.device.type == "cuda" and cfg.model.attn_implementation == "eager":
+            log.warning("packing with eager attention builds a dense block-diagonal mask over each micro-batch; "
+                        "model.attn_implementation=sdpa (packed_varlen: flash-attn, torch's varlen or FlexAttention "
+                        "for packed rows) does without it")
         self.loader = self.build_loader()
         self.total_steps = self.count_steps()
         optimizer = self.build_optimizer()
@@ -272,8 +276,12 @@ class Trainer:
         if adapter.kind == "qlora":
             extra["quantization_config"] = adapters.quantization_config(self.device, self.dtype)
         self._hf_ds_config = HfDeepSpeedConfig(self.ds_config)  # must stay alive (weakref in transformers)
+        attn = self.cfg.model.attn_implementation
+        if self.cfg.data.pack_tokens and attn == "sdpa":
+            # SDPA for every unpacked call; packed rows by varlen kernels (CUDA) or sample by sample
+            from videoflash.model.packing import VARLEN as attn
         model = VideoFlashForConditionalGeneration.from_pretrained(
-            path, config=config, dtype=self.dtype, attn_implementation=self.cfg.model.attn_implementation, **extra
+            path, config=config, dtype=self.dtype, attn_implementation=attn, **extra
         )
         if adapter.kind != "none":  # before deepspeed.initialize, which partitions the new tensors too
             self.lora_config = adapters.add_adapters(model, adapter, self.cfg.seed)
