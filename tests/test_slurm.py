@@ -291,6 +291,42 @@ def test_sbatch_trains_on_two_nodes_with_zero3(slurm_cluster, baseline):
     assert f"code snapshot: {submit_dir / 'code'}" in log
 
 
+SP_STEPS = 3
+
+
+@requires_root
+@pytest.mark.timeout(1800)
+def test_sequence_parallel_over_two_nodes_matches_data_parallel(slurm_cluster, corpus, tmp_path):
+    """2 nodes x 2 ranks with train.sequence_parallel=2: each node is one sequence-parallel group
+    (ranks 0-1, 2-3) and the two nodes are the data-parallel ranks. Expected: the per-step losses of
+    the same run on 2 data-parallel ranks without sequence parallelism (torchrun on this machine),
+    which read the same samples per data-parallel rank."""
+    args = train_args(corpus, SP_STEPS, "train.checkpoint_every=0")
+    run_root = tmp_path / "sp"
+    cmd = [sys.executable, "-m", "videoflash.launch.slurm", "cluster=loopback", f"run_root={run_root}", *args,
+           "train.sequence_parallel=2"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=slurm_cluster.env, cwd=REPO)
+    assert r.returncode == 0, f"submit failed:\n{r.stdout}\n{r.stderr}"
+    assert "global batch 4 = micro-batch 1 x 2 data-parallel ranks (sequence parallel 2) x 2 accumulation step(s)" in r.stdout
+    job = re.search(r"submitted job (\d+)", r.stdout).group(1)
+    local = tmp_path / "dp"
+    ref = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+                          "videoflash.train", *args, f"run_root={local}"],
+                         capture_output=True, text=True, timeout=JOB_TIMEOUT_S, cwd=REPO,
+                         env=dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1"))
+    assert ref.returncode == 0, ref.stdout[-3000:] + ref.stderr[-3000:]
+    info = slurm_cluster.wait_done(job, JOB_TIMEOUT_S)
+    log = job_log(slurm_cluster, job)
+    assert info["JobState"] == "COMPLETED" and info["NodeList"] == "node[1-2]", f"{info}\n{log[-5000:]}"
+    assert "node node1: torchrun exited 0" in log and "node node2: torchrun exited 0" in log
+    assert "on 4 rank(s) (2 data-parallel x 2 sequence-parallel)" in log
+    got, expected = step_losses(metric_rows(run_root)), dict(step_losses(metric_rows(local)))
+    assert [s for s, _ in got] == list(range(1, SP_STEPS + 1)) and sorted(expected) == [s for s, _ in got]
+    for step, loss in got:
+        assert math.isclose(loss, expected[step], rel_tol=1e-4), (step, loss, expected[step])
+    assert json.loads((run_root / "stage2" / "export" / "training_state.json").read_text())["completed"]
+
+
 # --------------------------------------------------------------------------------------------------
 # preemption
 # --------------------------------------------------------------------------------------------------

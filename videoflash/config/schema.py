@@ -265,6 +265,10 @@ class TrainSchema:
     export_dtype: str = "bf16"  # the stage-end HF export: bf16 | fp16 | fp32
     peak_tflops: Optional[float] = None  # per device, for MFU; null = look the GPU up
     cpu_threads: Optional[int] = None  # torch threads per process on CPU; null = torch default
+    # sequence parallelism of the LLM (DeepSpeed-Ulysses): every row is split over this many
+    # consecutive ranks, which read the same samples; it must divide the world size and the LLM's
+    # attention and key-value heads; 1 = off (docs/scale.md, "Sequence parallelism")
+    sequence_parallel: int = 1
     progress_bar: bool = True
 
 

@@ -182,6 +182,17 @@ def validate(cfg: DictConfig) -> VideoFlashSchema:
     _positive("train.keep_checkpoints", t.keep_checkpoints)
     _positive("train.stop_after_steps", t.stop_after_steps)
     _positive("train.grad_clip", t.grad_clip, allow_zero=True)
+    _positive("train.sequence_parallel", t.sequence_parallel)
+    if t.sequence_parallel > 1:
+        if m.attn_implementation == "eager":
+            raise ConfigError("train.sequence_parallel", "Ulysses wraps a registered attention function: "
+                              "set model.attn_implementation to sdpa or flash_attention_2, not eager")
+        if m.text.pretrained is None:  # a pretrained LLM's heads are checked when it loads
+            heads, kv = m.text.num_attention_heads, m.text.num_key_value_heads
+            if heads % t.sequence_parallel or kv % t.sequence_parallel:
+                raise ConfigError("train.sequence_parallel", f"{t.sequence_parallel} must divide the LLM's attention "
+                                  f"heads and key-value heads (model.text.num_attention_heads={heads}, "
+                                  f"num_key_value_heads={kv})")
     _positive("eval.max_samples", c.eval.max_samples)
     _positive("eval.max_new_tokens", c.eval.max_new_tokens)
     _positive("eval.batch_size", c.eval.batch_size)

@@ -254,10 +254,15 @@ def compose_training(overrides: List[str], world_size: int):
         raise LaunchError(f"config error: {err}") from err
     except Exception as err:  # Hydra's composition errors (unknown key, wrong type, missing option)
         raise LaunchError(f"config error: {str(err).strip()}") from err
-    try:
-        accum = gradient_accumulation_steps(typed.stage.global_batch_size, typed.stage.micro_batch_size, world_size)
+    sp = typed.train.sequence_parallel
+    if world_size % sp:
+        raise LaunchError(f"train.sequence_parallel={sp} does not divide the {world_size} ranks (nodes x procs_per_node) "
+                          "into sequence-parallel groups")
+    try:  # the ranks of one sequence-parallel group share their samples: the batch splits over the others
+        accum = gradient_accumulation_steps(typed.stage.global_batch_size, typed.stage.micro_batch_size, world_size // sp)
     except ValueError as err:
-        raise LaunchError(f"{err} (ranks = nodes x procs_per_node)") from err
+        hint = f" / train.sequence_parallel={sp}" if sp > 1 else ""
+        raise LaunchError(f"{err} (ranks = nodes x procs_per_node{hint})") from err
     return raw, typed, accum
 
 
@@ -417,8 +422,10 @@ def prepare(args: Args, now: Optional[float] = None) -> Prepared:
     job.chmod(0o755)
 
     s = typed.stage
+    sp = typed.train.sequence_parallel
+    split = f"{world} ranks" if sp == 1 else f"{world // sp} data-parallel ranks (sequence parallel {sp})"
     print(f"[videoflash] stage {s.id} ({s.name}) on {c.nodes} node(s) x {c.ranks_per_node()} rank(s) = {world} ranks; "
-          f"global batch {s.global_batch_size} = micro-batch {s.micro_batch_size} x {world} ranks x "
+          f"global batch {s.global_batch_size} = micro-batch {s.micro_batch_size} x {split} x "
           f"{accum} accumulation step(s)", flush=True)
     print(f"[videoflash] run dir {run_dir}; submission files in {submit_dir}", flush=True)
     return Prepared(submit_dir, job, run_dir, log_dir, job_name, c)

@@ -145,6 +145,54 @@ class VideoFlashForConditionalGeneration(VideoFlashPreTrainedModel, GenerationMi
     def get_decoder(self):
         return self.language_model.get_decoder()
 
+    # -- sequence parallelism -----------------------------------------------------------------------
+    _sequence_parallel = None
+
+    def set_sequence_parallel(self, sequence_parallel) -> None:
+        """Split the LLM's sequence over a group of ranks in training (None: off).
+
+        ``sequence_parallel`` is any object with ``size`` (ranks in the group), ``split(x, dim)``
+        (this rank's contiguous chunk), ``gather(x, dim)`` (the chunks of all ranks, differentiable),
+        ``reduce_sum(x)`` (summed over the group; each rank's own share in the backward) and
+        ``attn_implementation`` (the core attention, for the mask format); the LLM's attention must
+        then exchange the chunks itself (the training engine registers DeepSpeed-Ulysses as
+        ``attn_implementation``: ``videoflash.train.sequence_parallel``). After the visual tokens are
+        spliced in, each rank runs the decoder layers on its chunk at the global positions; drop
+        points gather the sequence and select over all of it, as one rank would; the loss is the
+        token-weighted mean over the whole sequence on every rank; ``logits`` hold this rank's chunk."""
+        self._sequence_parallel = sequence_parallel
+
+    def _sp_shard(self, hidden, mask2d, positions):
+        """Pad the whole sequence to a multiple of the group size and keep this rank's chunk: hidden
+        states, global positions, their RoPE, and the whole sequence's attention mask. The padding
+        comes last and counts as attended: no real token looks at it (causal), so SDPA's causal path
+        stays exact; its outputs are never read."""
+        sp = self._sequence_parallel
+        pad = (-hidden.shape[1]) % sp.size
+        if pad:
+            hidden = F.pad(hidden, (0, 0, 0, pad))
+            mask2d = F.pad(mask2d, (0, pad), value=1)
+            positions = torch.cat([positions, positions[:, -1:] + torch.arange(1, pad + 1, device=positions.device)], 1)
+        mask4d = self._attention_mask(mask2d, hidden.shape[1], hidden.dtype)
+        hidden, positions = sp.split(hidden, 1), sp.split(positions, 1)
+        return hidden, positions, self.get_decoder().rotary_emb(hidden, positions), mask4d
+
+    def _sp_unshard(self, hidden, length: int):
+        """The whole sequence (its first ``length`` tokens) from every rank's chunk."""
+        return self._sequence_parallel.gather(hidden, 1)[:, :length]
+
+    def _sp_loss(self, logits, labels):
+        """Token-weighted mean cross-entropy over the whole sequence from this rank's chunk of logits:
+        the sums of token losses and of supervised tokens are reduced over the group."""
+        sp = self._sequence_parallel
+        padded = logits.shape[1] * sp.size
+        shifted = F.pad(labels[:, 1:], (0, padded - labels.shape[1] + 1), value=IGNORE_INDEX)
+        local = sp.split(shifted, 1)
+        total = F.cross_entropy(logits.flatten(0, 1).float(), local.flatten(), ignore_index=IGNORE_INDEX,
+                                reduction="sum")
+        count = (local != IGNORE_INDEX).sum().to(total.dtype)
+        return sp.reduce_sum(total) / sp.reduce_sum(count)
+
     def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None, **kwargs):
         """Activation checkpointing of the encoder blocks and the LLM layers (non-reentrant)."""
         self.vision_tower.gradient_checkpointing = True
@@ -374,8 +422,11 @@ class VideoFlashForConditionalGeneration(VideoFlashPreTrainedModel, GenerationMi
 
     def _attention_mask(self, mask2d: torch.Tensor, q_len: int, dtype: torch.dtype):
         """The mask the HF attention functions take: 4D additive for eager/SDPA (None where SDPA's own
-        causal path is exact), the 2D padding mask for flash-attention."""
-        impl = self.language_model.config._attn_implementation or "eager"
+        causal path is exact), the 2D padding mask for flash-attention. Under sequence parallelism it
+        is the mask of the whole sequence, for the core attention that runs on it."""
+        sp = self._sequence_parallel
+        impl = sp.attn_implementation if sp is not None else self.language_model.config._attn_implementation
+        impl = impl or "eager"
         kv_len = mask2d.shape[1]
         all_valid = bool(mask2d.all())
         if "flash" in impl:
@@ -543,6 +594,9 @@ class VideoFlashForConditionalGeneration(VideoFlashPreTrainedModel, GenerationMi
             )
             hidden, new_labels, _ = packed_layers(self, layers, decoder, hidden, new_labels, segments, schedule, cache_kw)
         else:  # training or prefill
+            sp = self._sequence_parallel
+            if sp is not None and use_cache:
+                raise ValueError("sequence parallelism splits training sequences; it runs without a KV cache")
             per_sample, anchor = self._visual_tokens_per_sample(
                 input_ids.shape[0], pixel_values_videos, video_frame_counts, pixel_values_images,
                 image_tile_counts, image_grids, video_embeds,
@@ -558,21 +612,32 @@ class VideoFlashForConditionalGeneration(VideoFlashPreTrainedModel, GenerationMi
             elif schedule:
                 q_idx, q_valid = self._query_tokens(None, mask2d, None)
             new_state = _DecodeState() if use_cache else None
-            mask4d = self._attention_mask(mask2d, hidden.shape[1], hidden.dtype)
-            pe = decoder.rotary_emb(hidden, positions)
+            if sp is not None:  # this rank's chunk from here on (positions stay those of the whole sequence)
+                hidden, layer_pos, pe, mask4d = self._sp_shard(hidden, mask2d, positions)
+            else:
+                mask4d = self._attention_mask(mask2d, hidden.shape[1], hidden.dtype)
+                pe = decoder.rotary_emb(hidden, positions)
+                layer_pos = positions
             for i, layer in enumerate(layers):
                 if i in schedule:
                     if new_state is not None:
                         new_state.stage_masks.append(mask2d)
                         new_state.next_positions.append(positions.max(1).values + 1)
                     ratio, kind = schedule[i]
+                    if sp is not None:  # select over the whole sequence
+                        hidden = self._sp_unshard(hidden, mask2d.shape[1])
+                        pe = decoder.rotary_emb(hidden, positions)
                     hidden, mask2d, positions, new_labels, starts, counts, q_idx = self._drop(
                         layer, hidden, mask2d, positions, new_labels, starts, counts, originals, q_idx, q_valid,
                         ratio, kind, pe, left_padded,
                     )
-                    mask4d = self._attention_mask(mask2d, hidden.shape[1], hidden.dtype)
-                    pe = decoder.rotary_emb(hidden, positions)
-                hidden = layer(hidden, attention_mask=mask4d, position_ids=positions, use_cache=use_cache,
+                    if sp is not None:
+                        hidden, layer_pos, pe, mask4d = self._sp_shard(hidden, mask2d, positions)
+                    else:
+                        mask4d = self._attention_mask(mask2d, hidden.shape[1], hidden.dtype)
+                        pe = decoder.rotary_emb(hidden, positions)
+                        layer_pos = positions
+                hidden = layer(hidden, attention_mask=mask4d, position_ids=layer_pos, use_cache=use_cache,
                                position_embeddings=pe, **{cache_kw: cache})
             if new_state is not None:
                 new_state.stage_masks.append(mask2d)
@@ -584,7 +649,9 @@ class VideoFlashForConditionalGeneration(VideoFlashPreTrainedModel, GenerationMi
             hidden = hidden[:, -logits_to_keep:]
         logits = self.get_output_embeddings()(hidden)
         loss = None
-        if new_labels is not None and labels is not None:
+        if new_labels is not None and labels is not None and state is None and self._sequence_parallel is not None:
+            loss = self._sp_loss(logits, new_labels)
+        elif new_labels is not None and labels is not None:
             loss = F.cross_entropy(
                 logits[:, :-1].flatten(0, 1).float(), new_labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX
             )

@@ -36,8 +36,10 @@ def render(
     world_size: int,
     bf16: bool,
     grad_clip: float,
+    sequence_parallel: int = 1,
 ) -> dict[str, Any]:
-    """The DeepSpeed config dict for one stage on ``world_size`` ranks."""
+    """The DeepSpeed config dict for one stage on ``world_size`` data-parallel ranks (each a group
+    of ``sequence_parallel`` ranks that share their samples)."""
     gas = gradient_accumulation_steps(global_batch, micro_batch, world_size)
     zero: dict[str, Any] = {
         "stage": ds.zero_stage,
@@ -57,13 +59,16 @@ def render(
                 "stage3_max_reuse_distance": ds.max_reuse_distance,
                 # the stage-end export gathers the 16-bit weights on rank 0
                 "stage3_gather_16bit_weights_on_model_save": True,
+                # DeepSpeed's default, pinned: every bucket is averaged the same way (over all
+                # ranks), which sequence_parallel.backward_scale relies on
+                "reduce_scatter": True,
             }
         )
     if ds.offload_optimizer != "none":
         zero["offload_optimizer"] = {"device": ds.offload_optimizer, "pin_memory": ds.pin_memory}
     if ds.offload_param != "none":
         zero["offload_param"] = {"device": ds.offload_param, "pin_memory": ds.pin_memory}
-    return {
+    out: dict[str, Any] = {
         "train_batch_size": global_batch,
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": gas,
@@ -77,3 +82,8 @@ def render(
         "steps_per_print": _NEVER,
         "wall_clock_breakdown": ds.wall_clock_breakdown,
     }
+    if sequence_parallel > 1:
+        # read where DeepSpeed has no mpu yet (zero.Init under from_pretrained): the batch then
+        # splits over world / sp ranks, as with the sequence-parallel mpu of deepspeed.initialize
+        out["sequence_parallel_size"] = sequence_parallel
+    return out

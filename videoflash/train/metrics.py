@@ -41,12 +41,15 @@ class StepStats:
         self.visual_tokens += int(batch["num_visual_tokens"].sum()) if "num_visual_tokens" in batch else 0
         self.flops += flops
 
-    def reduce(self, device: torch.device) -> "StepStats":
-        """Sums over all ranks (a collective)."""
+    def reduce(self, device: torch.device, replicas: int = 1) -> "StepStats":
+        """Sums over all ranks (a collective). ``replicas``: ranks that saw the same batches (a
+        sequence-parallel group, each holding the whole batch's loss and a share of its work), whose
+        sums count once."""
         values = distributed.all_reduce_sum(
             [self.loss_sum, self.micro_batches, self.samples, self.text_tokens, self.visual_tokens, self.flops], device
         )
-        return StepStats(values[0], int(values[1]), int(values[2]), int(values[3]), int(values[4]), values[5])
+        values = [v / replicas for v in values]
+        return StepStats(values[0], round(values[1]), round(values[2]), round(values[3]), round(values[4]), values[5])
 
     @property
     def loss(self) -> float:

@@ -45,6 +45,7 @@ from videoflash.config.schema import FINETUNE_STAGE_ID, VideoFlashSchema  # noqa
 from videoflash.data.collate import PACKED_BATCH_KEYS  # noqa: E402
 
 from . import adapters, distributed, ds_config, stages  # noqa: E402
+from . import sequence_parallel as seqpar  # noqa: E402
 from .checkpoint import (  # noqa: E402
     CheckpointError,
     CheckpointManager,
@@ -127,6 +128,13 @@ class Trainer:
         self.engine = None
         self.resumed_from: str | None = None
         self.lora_config = None  # peft's LoraConfig when the stage trains adapters
+        # sequence parallelism: SP groups of consecutive ranks read the same samples; the loader and
+        # the batch arithmetic go by the data-parallel ranks (checked in setup)
+        self.sp = cfg.train.sequence_parallel
+        self.dp_rank = seqpar.data_parallel_rank(self.rank, self.sp)
+        self.dp_world = max(1, self.world // self.sp)
+        self.mpu = None  # DeepSpeed's sequence-parallel groups, for deepspeed.initialize
+        self.backward_scale = seqpar.backward_scale(cfg.deepspeed.zero_stage, self.sp)
 
     # ------------------------------------------------------------------------------------------
     # setup
@@ -147,7 +155,9 @@ class Trainer:
         self.init = stages.init_source(stage, cfg.run_root)
         check_sources(cfg)
         self.resume_path = self.find_resume_path()  # checked before any model is built
-        log.info("stage %d (%s) on %d rank(s), %s, %s; starts from %s", stage.id, stage.name, self.world,
+        self.dp_world = seqpar.data_parallel_size(self.world, self.sp)
+        log.info("stage %d (%s) on %d rank(s)%s, %s, %s; starts from %s", stage.id, stage.name, self.world,
+                 f" ({self.dp_world} data-parallel x {self.sp} sequence-parallel)" if self.sp > 1 else "",
                  self.device.type, "bf16" if self.bf16 else "fp32",
                  "parts" if self.init.kind == "parts" else self.init.path)
         if self.is_main:
@@ -155,7 +165,7 @@ class Trainer:
 
         self.ds_config = ds_config.render(
             cfg.deepspeed, global_batch=stage.global_batch_size, micro_batch=stage.micro_batch_size,
-            world_size=self.world, bf16=self.bf16, grad_clip=cfg.train.grad_clip,
+            world_size=self.dp_world, bf16=self.bf16, grad_clip=cfg.train.grad_clip, sequence_parallel=self.sp,
         )
         self.grad_accum = self.ds_config["gradient_accumulation_steps"]
         if self.is_main:
@@ -188,7 +198,7 @@ class Trainer:
             self.ckpt.prepare_universal(self.resume_path)  # resuming on another number of ranks
             self.ds_config["checkpoint"] = {"load_universal": True}
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=self.model, optimizer=optimizer, config=self.ds_config,
+            model=self.model, optimizer=optimizer, config=self.ds_config, mpu=self.mpu,
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, factor),
         )
         self.engine.train()
@@ -283,6 +293,12 @@ class Trainer:
         model = VideoFlashForConditionalGeneration.from_pretrained(
             path, config=config, dtype=self.dtype, attn_implementation=attn, **extra
         )
+        if self.sp > 1:  # DeepSpeed-Ulysses in the LLM's attention, the model's split/gather hooks
+            seqpar.check_heads(model.config.text_config, self.sp)
+            self.mpu = seqpar.initialize(self.sp)
+            core = model.language_model.config._attn_implementation
+            sp = seqpar.install(model, self.mpu.get_sequence_parallel_group(), core)
+            log.info("sequence parallel over %d ranks: Ulysses all-to-all around %s attention", sp.size, core)
         if adapter.kind != "none":  # before deepspeed.initialize, which partitions the new tensors too
             self.lora_config = adapters.add_adapters(model, adapter, self.cfg.seed)
         tokenizer = AutoTokenizer.from_pretrained(path, config=config)
@@ -303,7 +319,9 @@ class Trainer:
     def build_loader(self):
         from .data import build_train_loader
 
-        loader, self.epoch_samples = build_train_loader(self.cfg, self.tokenizer, self.model.config, self.rank, self.world)
+        # the ranks of one sequence-parallel group read the same samples
+        loader, self.epoch_samples = build_train_loader(self.cfg, self.tokenizer, self.model.config, self.dp_rank,
+                                                        self.dp_world)
         return loader
 
     def count_steps(self) -> int:
@@ -348,8 +366,13 @@ class Trainer:
         from videoflash.data.pipeline import OlderLoaderState
 
         loader_state = rank_state["loader"]
-        if isinstance(loader_state, dict) and not self.loader.same_layout(loader_state):
-            loader_state = self.ckpt.loader_states(path)
+        if isinstance(loader_state, dict) and (not self.loader.same_layout(loader_state)
+                                               or loader_state.get("rank") != self.dp_rank):
+            # the ranks of a sequence-parallel group saved the same loader state: one per loader rank
+            per_loader_rank: dict[int, Any] = {}
+            for st in self.ckpt.loader_states(path):
+                per_loader_rank.setdefault(int(st["rank"]), st)
+            loader_state = list(per_loader_rank.values())
         try:
             self.loader.load_state_dict(loader_state)
         except OlderLoaderState as exn:
@@ -387,7 +410,7 @@ class Trainer:
             for _ in range(self.grad_accum):
                 batch = self.next_batch()
                 loss = engine(**self.model_inputs(batch)).loss
-                engine.backward(loss)
+                engine.backward(loss * self.backward_scale if self.backward_scale != 1 else loss)
                 engine.step()  # DeepSpeed steps the optimizer and the LR schedule every grad_accum calls
                 stats.add(loss.item(), batch, self.flops.batch(batch)["total"])
             self.after_step(stats, time.perf_counter() - start, lrs)
@@ -410,7 +433,7 @@ class Trainer:
         return {k: batch[k].to(self.device, non_blocking=True) for k in MODEL_KEYS if k in batch}
 
     def after_step(self, stats: StepStats, seconds: float, lrs: dict[str, float]) -> None:
-        total = stats.reduce(self.device)
+        total = stats.reduce(self.device, replicas=self.sp)
         s = self.state
         s.step += 1
         s.samples_seen += total.samples
