@@ -75,9 +75,11 @@ def _samples():
     ]
 
 
-def _alone(s):
-    """The unpacked forward's batch of one sample."""
-    batch = dict(input_ids=s["input_ids"][None], labels=s["labels"][None])
+def _alone(s, labels=True):
+    """The unpacked forward's batch of one sample (without labels: the forward gives logits)."""
+    batch = dict(input_ids=s["input_ids"][None])
+    if labels:
+        batch["labels"] = s["labels"][None]
     if "frames" in s:
         batch.update(pixel_values_videos=s["frames"], video_frame_counts=torch.tensor([s["frames"].shape[0]]))
     if "tiles" in s:
@@ -167,6 +169,7 @@ def _logits_by_sample(model, samples, rows, dropout=False):
     """The packed forward's logits cut back into samples (no dropout: the flat layout is the samples'
     spliced sequences end to end)."""
     batch = _packed(samples, rows)
+    batch.pop("labels")  # with labels the forward returns the loss only
     with torch.no_grad():
         logits = model(**batch).logits[0]
     out, at = {}, 0
@@ -192,7 +195,7 @@ def test_attention_never_crosses_a_sample():
     for j in (0, 2):
         assert torch.allclose(before[j], after[j], atol=1e-5)
         with torch.no_grad():
-            alone = model(**_alone(samples[j])).logits[0]
+            alone = model(**_alone(samples[j], labels=False)).logits[0]
         assert torch.allclose(before[j], alone, atol=1e-5)
     assert not torch.allclose(before[1], after[1])
 
@@ -210,11 +213,17 @@ def test_varlen_implementation_equals_the_block_diagonal_mask():
     assert model.language_model.config._attn_implementation == VARLEN
     varlen = model(**batch)
     varlen.loss.backward()
-    assert torch.allclose(varlen.logits, dense.logits, atol=1e-5)
+    assert varlen.loss.item() == pytest.approx(dense.loss.item(), rel=1e-6)
+    unlabelled = {k: v for k, v in batch.items() if k != "labels"}
+    with torch.no_grad():
+        model.set_attn_implementation("sdpa")
+        dense_logits = model(**unlabelled).logits
+        model.set_attn_implementation(VARLEN)
+        assert torch.allclose(model(**unlabelled).logits, dense_logits, atol=1e-5)
     for k, g in _grads(model).items():
         assert torch.allclose(g, want[k], rtol=1e-4, atol=1e-6), k
     # unpacked batches (and decoding) go through SDPA with their own masks, unchanged
-    alone = _alone(samples[0])
+    alone = _alone(samples[0], labels=False)
     with torch.no_grad():
         a = model(**alone).logits
         model.set_attn_implementation("sdpa")

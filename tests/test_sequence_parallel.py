@@ -3,7 +3,7 @@
 - Two processes over gloo, one sequence-parallel group of 2, real DeepSpeed (ZeRO-3 and ZeRO-1, with
   ``mpu`` = DeepSpeed's sequence-parallel groups): one forward/backward of a tiny model on a batch of
   two video samples with visual dropout on (uniform after layer 1, text-guided after layer 2) gives
-  the loss, the logits (each rank's chunk) and every parameter's full gradient of ONE process that
+  the loss and every parameter's full gradient of ONE process that
   runs the same batch without sequence parallelism, in this test's own process.
 - A training run of the engine with ``train.sequence_parallel=2`` on 2 ranks (ZeRO-3, activation
   checkpointing, text-guided dropout in training), stopped with a checkpoint and resumed, has the
@@ -81,7 +81,7 @@ for stage in (3, 1):
     res = engine(**sp_batch())
     engine.backward(res.loss * seqpar.backward_scale(stage, 2))
     grads = {name: safe_get_full_grad(p) for name, p in engine.module.named_parameters()}
-    result[stage] = {"loss": res.loss.detach(), "logits": res.logits.detach(), "grads": grads,
+    result[stage] = {"loss": res.loss.detach(), "grads": grads,
                      "attn": model.language_model.config._attn_implementation}
     seqpar.uninstall(model, "sdpa")
 torch.save(result, f"{out}.rank{info.rank}")
@@ -105,8 +105,6 @@ def test_two_ranks_give_the_loss_and_gradients_of_one(tmp_path, ds_env):
     ref.loss.backward()
     ref_grads = {name: p.grad for name, p in model.named_parameters()}
     assert all(g is not None for g in ref_grads.values())
-    length = ref.logits.shape[1]
-    assert length == 33  # 49 tokens spliced, 41 after the uniform drop, 33 after the text-guided one
 
     ranks = [torch.load(f"{out}.rank{r}", weights_only=False) for r in (0, 1)]
     for stage in (3, 1):
@@ -114,12 +112,9 @@ def test_two_ranks_give_the_loss_and_gradients_of_one(tmp_path, ds_env):
             got = rank[stage]
             assert got["attn"] == "vf_ulysses"
             assert torch.allclose(got["loss"], ref.loss.detach(), rtol=1e-5, atol=0), (stage, r, got["loss"], ref.loss)
-            assert got["logits"].shape[1] == math.ceil(length / 2)  # each rank holds its chunk only
             for name, g in ref_grads.items():
                 diff = (got["grads"][name] - g).abs().max().item()
                 assert diff <= 1e-5 * g.abs().max().item() + 1e-9, f"ZeRO-{stage} rank {r} {name}: {diff}"
-        joined = torch.cat([rank[stage]["logits"] for rank in ranks], 1)[:, :length]
-        assert torch.allclose(joined, ref.logits.detach(), atol=1e-5, rtol=1e-5), stage
 
 
 # --------------------------------------------------------------------------------------------------

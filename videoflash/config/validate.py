@@ -184,6 +184,9 @@ def validate(cfg: DictConfig) -> VideoFlashSchema:
     _positive("train.grad_clip", t.grad_clip, allow_zero=True)
     _positive("train.sequence_parallel", t.sequence_parallel)
     if t.sequence_parallel > 1:
+        if d.pack_tokens:
+            raise ConfigError("train.sequence_parallel", "sequence parallelism splits one long sample over ranks; "
+                              "packing (data.pack_tokens) fills rows with short ones: set one of them")
         if m.attn_implementation == "eager":
             raise ConfigError("train.sequence_parallel", "Ulysses wraps a registered attention function: "
                               "set model.attn_implementation to sdpa or flash_attention_2, not eager")

@@ -67,6 +67,10 @@ class VideoFlashConfig(PretrainedConfig):
             or ``"keep"`` (kept tokens keep their original RoPE positions).
         visual_dropout_in_training / visual_dropout_in_inference: where dropout is active.
         image_mean / image_std: normalisation applied on the device to uint8 frames.
+        vision_clips_per_call: clips per encoder call (0: all clips of a batch in one call); in
+            training each call is activation-checkpointed (memory bounded by one call's clips).
+        loss_chunk_size: rows of the output head's logits computed at a time by the training loss
+            (only supervised positions; never ``[tokens, vocabulary]``).
     """
 
     model_type = "videoflash"
@@ -90,6 +94,8 @@ class VideoFlashConfig(PretrainedConfig):
         visual_dropout_in_inference: bool = False,
         image_mean=IMAGENET_MEAN,
         image_std=IMAGENET_STD,
+        vision_clips_per_call: int = 0,
+        loss_chunk_size: int = 4096,
         **kwargs,
     ):
         vision = dict(UMT_L_VISION)
@@ -111,6 +117,12 @@ class VideoFlashConfig(PretrainedConfig):
         self.visual_dropout_in_inference = bool(visual_dropout_in_inference)
         self.image_mean = [float(x) for x in image_mean]
         self.image_std = [float(x) for x in image_std]
+        self.vision_clips_per_call = int(vision_clips_per_call)
+        self.loss_chunk_size = int(loss_chunk_size)
+        if self.vision_clips_per_call < 0:
+            raise ValueError(f"vision_clips_per_call must be >= 0 (0: one call), got {vision_clips_per_call}")
+        if self.loss_chunk_size < 1:
+            raise ValueError(f"loss_chunk_size must be >= 1, got {loss_chunk_size}")
         kwargs.setdefault("tie_word_embeddings", getattr(self.text_config, "tie_word_embeddings", False))
         super().__init__(**kwargs)
         self.validate_visual_dropout()

@@ -32,6 +32,7 @@ from transformers.cache_utils import DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .anyres import resize_square
+from .chunked_loss import lm_cross_entropy
 from .configuration_videoflash import VideoFlashConfig
 from .merging import merge_tokens
 from .packing import packed_layers, splice_packed
@@ -48,6 +49,17 @@ _GENERATION_CACHE_KWARG = (
     "cache" if "cache" in inspect.signature(GenerationMixin.prepare_inputs_for_generation).parameters
     else "past_key_values"
 )
+
+
+class VideoFlashLMLoss(nn.Module):
+    """The loss head: a module without parameters that reads the output head's weight inside its own
+    forward. Under ZeRO-3 (``deepspeed.initialize``) a parameter read during another module's forward is
+    gathered and registered as that module's external parameter, so the head's full weight is held for
+    this call (and its backward) only; the module runs once per forward on every rank, whatever the
+    number of chunks inside."""
+
+    def forward(self, hidden, head: nn.Linear, targets, chunk_size: int):
+        return lm_cross_entropy(hidden, head.weight, targets, head.bias, chunk_size=chunk_size)
 
 
 @lru_cache(maxsize=None)
@@ -127,6 +139,7 @@ class VideoFlashForConditionalGeneration(VideoFlashPreTrainedModel, GenerationMi
         )
         self.connector = VideoFlashConnector(v["width"], config.text_config.hidden_size, config.connector_act)
         self.language_model = AutoModelForCausalLM.from_config(config.text_config)
+        self.lm_loss = VideoFlashLMLoss()
         self.post_init()
 
     # -- HF plumbing ----------------------------------------------------------------------------
@@ -159,7 +172,8 @@ class VideoFlashForConditionalGeneration(VideoFlashPreTrainedModel, GenerationMi
         ``attn_implementation``: ``videoflash.train.sequence_parallel``). After the visual tokens are
         spliced in, each rank runs the decoder layers on its chunk at the global positions; drop
         points gather the sequence and select over all of it, as one rank would; the loss is the
-        token-weighted mean over the whole sequence on every rank; ``logits`` hold this rank's chunk."""
+        token-weighted mean over the whole sequence on every rank; without labels, ``logits`` hold
+        this rank's chunk."""
         self._sequence_parallel = sequence_parallel
 
     def _sp_shard(self, hidden, mask2d, positions):
@@ -181,17 +195,19 @@ class VideoFlashForConditionalGeneration(VideoFlashPreTrainedModel, GenerationMi
         """The whole sequence (its first ``length`` tokens) from every rank's chunk."""
         return self._sequence_parallel.gather(hidden, 1)[:, :length]
 
-    def _sp_loss(self, logits, labels):
-        """Token-weighted mean cross-entropy over the whole sequence from this rank's chunk of logits:
-        the sums of token losses and of supervised tokens are reduced over the group."""
+    def _sp_loss(self, hidden, labels):
+        """Token-weighted mean cross-entropy over the whole sequence from this rank's chunk of hidden
+        states (through the chunked loss head, like one rank's): the sums of token losses and of
+        supervised tokens are reduced over the group."""
         sp = self._sequence_parallel
-        padded = logits.shape[1] * sp.size
+        padded = hidden.shape[1] * sp.size
         shifted = F.pad(labels[:, 1:], (0, padded - labels.shape[1] + 1), value=IGNORE_INDEX)
         local = sp.split(shifted, 1)
-        total = F.cross_entropy(logits.flatten(0, 1).float(), local.flatten(), ignore_index=IGNORE_INDEX,
-                                reduction="sum")
-        count = (local != IGNORE_INDEX).sum().to(total.dtype)
-        return sp.reduce_sum(total) / sp.reduce_sum(count)
+        keep = local != IGNORE_INDEX
+        mean = self.lm_loss(hidden[keep], self.get_output_embeddings(), local[keep],
+                            getattr(self.config, "loss_chunk_size", 4096))
+        count = keep.sum().to(mean.dtype)
+        return sp.reduce_sum(mean * count) / sp.reduce_sum(count)
 
     def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None, **kwargs):
         """Activation checkpointing of the encoder blocks and the LLM layers (non-reentrant)."""
@@ -228,18 +244,47 @@ class VideoFlashForConditionalGeneration(VideoFlashPreTrainedModel, GenerationMi
         std = torch.tensor(self.config.image_std, device=x.device)[:, None, None]
         return ((x - mean) / std).to(weight.dtype)
 
-    def encode_video(self, frames: torch.Tensor) -> torch.Tensor:
+    def encode_video(self, frames: torch.Tensor, vision_calls: int | None = None) -> torch.Tensor:
         """uint8 frames ``[N, H, W, 3]`` (N a multiple of 4) -> ``[N/4 * tokens_per_clip, hidden]``.
 
-        All clips go through the encoder in one call (ZeRO-3: the same module calls on every rank)."""
+        With ``config.vision_clips_per_call`` 0 (the default) all clips go through the encoder in one
+        call. With ``K > 0`` they go ``K`` clips at a time (encoder, merging and connector per chunk),
+        and in training each chunk is activation-checkpointed, so that forward and backward hold one
+        chunk's activations. ZeRO-3 needs the same module calls on every rank: ``vision_calls`` (the
+        largest chunk count over the ranks, agreed by the train room) pads with dummy chunks whose
+        output is added times zero."""
         t = self.config.frames_per_clip
         if frames.shape[0] == 0 or frames.shape[0] % t:
             raise ValueError(f"a video needs a positive multiple of {t} frames, got {frames.shape[0]}")
         x = self._normalize(frames)
         clips = x.view(-1, t, *x.shape[1:])
+        per_call = int(getattr(self.config, "vision_clips_per_call", 0) or 0)
+        if per_call <= 0:
+            return self._encode_clips(clips)
+        chunks = list(clips.split(per_call, 0))
+        checkpointed = self.training and torch.is_grad_enabled()
+        run = self._encode_clips
+        if checkpointed:
+            from torch.utils.checkpoint import checkpoint
+
+            def run(c):
+                return checkpoint(self._encode_clips, c, use_reentrant=False)
+        tokens = torch.cat([run(c) for c in chunks], 0)
+        for _ in range(max(0, int(vision_calls or 0) - len(chunks))):  # ZeRO-3: the ranks' common count
+            tokens = tokens + run(torch.zeros_like(clips[:1])).sum() * 0.0
+        return tokens
+
+    def _encode_clips(self, clips: torch.Tensor) -> torch.Tensor:
         feats = self.vision_tower(clips)  # [clips, t*L, width]
         merged = merge_tokens(feats, self.config.tokens_per_clip, self.config.merge_num_heads)
         return self.connector(merged).flatten(0, 1)
+
+    def vision_calls_needed(self, frames: int) -> int:
+        """Encoder calls :meth:`encode_video` makes on ``frames`` frames (a text-only batch: the
+        one-clip dummy)."""
+        per_call = int(getattr(self.config, "vision_clips_per_call", 0) or 0)
+        clips = max(1, frames // self.config.frames_per_clip)
+        return 1 if per_call <= 0 else -(-clips // per_call)
 
     def encode_images(self, tiles: torch.Tensor) -> torch.Tensor:
         """uint8 image tiles ``[M, H, W, 3]`` -> ``[M * tokens_per_image, hidden]`` (one-frame clips)."""
@@ -276,6 +321,7 @@ class VideoFlashForConditionalGeneration(VideoFlashPreTrainedModel, GenerationMi
         image_tile_counts,
         image_grids,
         video_embeds=None,
+        vision_calls=None,
     ):
         """Encode the batch's videos and images (one encoder call each) and split them per sample.
 
@@ -318,13 +364,13 @@ class VideoFlashForConditionalGeneration(VideoFlashPreTrainedModel, GenerationMi
                     f"video_frame_counts {counts} must be multiples of {t} summing to "
                     f"{pixel_values_videos.shape[0]} frames"
                 )
-            tokens = self.encode_video(pixel_values_videos)
+            tokens = self.encode_video(pixel_values_videos, vision_calls)
             chunks = tokens.split([c // t * self.config.tokens_per_clip for c in counts], 0)
             for b, (c, chunk) in enumerate(zip(counts, chunks)):
                 if c:
                     per_sample[b] = chunk
         elif self.training:
-            anchor = self.encode_video(self._dummy_frames(t)).sum() * 0.0
+            anchor = self.encode_video(self._dummy_frames(t), vision_calls).sum() * 0.0
         has_images = pixel_values_images is not None and pixel_values_images.shape[0] > 0
         if has_images:
             if image_tile_counts is None:
@@ -527,6 +573,7 @@ class VideoFlashForConditionalGeneration(VideoFlashPreTrainedModel, GenerationMi
         video_embeds: torch.Tensor | None = None,
         sample_lengths: torch.Tensor | None = None,
         logits_to_keep: int = 0,
+        vision_calls: int | None = None,
         return_dict: bool = True,
         **kwargs,
     ) -> CausalLMOutputWithPast:
@@ -544,7 +591,11 @@ class VideoFlashForConditionalGeneration(VideoFlashPreTrainedModel, GenerationMi
         end, of these ``input_ids`` lengths (zeros after the last); the per-sample keys
         (``video_frame_counts``, ``dropout_query_positions``, ...) then list every sample of the
         micro-batch in order. The samples run as one flat sequence ``[1, T]`` (the logits and the
-        loss are over it), each with its own positions, attention and dropout (:mod:`.packing`)."""
+        loss are over it), each with its own positions, attention and dropout (:mod:`.packing`).
+
+        With ``labels`` (training) the output holds the loss and no logits: only the supervised
+        positions go through the output head, in chunks of ``config.loss_chunk_size`` rows
+        (chunked_loss.py). ``vision_calls``: see :meth:`encode_video`."""
         if cache is None:  # the name of transformers releases before 5.2x
             cache = kwargs.pop("past_key_values", None)
         if input_ids is None:
@@ -585,9 +636,12 @@ class VideoFlashForConditionalGeneration(VideoFlashPreTrainedModel, GenerationMi
         elif sample_lengths is not None:  # a packed batch (training)
             if use_cache:
                 raise ValueError("packed batches (sample_lengths) are for training; they cannot fill a KV cache")
+            if self._sequence_parallel is not None:
+                raise ValueError("packed batches (sample_lengths) and sequence parallelism do not combine; "
+                                 "use one or the other (data.pack_tokens or train.sequence_parallel)")
             per_sample, anchor = self._visual_tokens_per_sample(
                 int((sample_lengths > 0).sum()), pixel_values_videos, video_frame_counts, pixel_values_images,
-                image_tile_counts, image_grids, video_embeds,
+                image_tile_counts, image_grids, video_embeds, vision_calls,
             )
             hidden, new_labels, segments = splice_packed(
                 self, input_ids, attention_mask, labels, sample_lengths, per_sample, anchor, dropout_query_positions
@@ -599,7 +653,7 @@ class VideoFlashForConditionalGeneration(VideoFlashPreTrainedModel, GenerationMi
                 raise ValueError("sequence parallelism splits training sequences; it runs without a KV cache")
             per_sample, anchor = self._visual_tokens_per_sample(
                 input_ids.shape[0], pixel_values_videos, video_frame_counts, pixel_values_images,
-                image_tile_counts, image_grids, video_embeds,
+                image_tile_counts, image_grids, video_embeds, vision_calls,
             )
             hidden, mask2d, new_labels, starts, counts, qpos, left_padded = self._splice(
                 input_ids, attention_mask, labels, per_sample, anchor, dropout_query_positions
@@ -645,16 +699,21 @@ class VideoFlashForConditionalGeneration(VideoFlashPreTrainedModel, GenerationMi
                 cache._videoflash_state = new_state
 
         hidden = decoder.norm(hidden)
-        if logits_to_keep and new_labels is None:
-            hidden = hidden[:, -logits_to_keep:]
-        logits = self.get_output_embeddings()(hidden)
-        loss = None
-        if new_labels is not None and labels is not None and state is None and self._sequence_parallel is not None:
-            loss = self._sp_loss(logits, new_labels)
-        elif new_labels is not None and labels is not None:
-            loss = F.cross_entropy(
-                logits[:, :-1].flatten(0, 1).float(), new_labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX
-            )
+        loss = logits = None
+        if new_labels is not None and labels is not None:
+            # training: no [tokens, vocabulary] logits; the hidden states of the supervised positions
+            # go through the head chunk by chunk (token-weighted mean, as F.cross_entropy's)
+            if self._sequence_parallel is not None:
+                loss = self._sp_loss(hidden, new_labels)
+            else:
+                targets = new_labels[:, 1:]
+                keep = targets != IGNORE_INDEX
+                loss = self.lm_loss(hidden[:, :-1][keep], self.get_output_embeddings(), targets[keep],
+                                    getattr(self.config, "loss_chunk_size", 4096))
+        else:
+            if logits_to_keep:
+                hidden = hidden[:, -logits_to_keep:]
+            logits = self.get_output_embeddings()(hidden)
         return CausalLMOutputWithPast(loss=loss, logits=logits, **{_OUTPUT_CACHE_FIELD: cache if use_cache else None})
 
     # -- generation ---------------------------------------------------------------------------------------
