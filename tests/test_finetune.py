@@ -170,7 +170,9 @@ def test_lora_finetune_on_zero3_trains_only_adapters_and_resumes_exactly(tmp_pat
     with torch.no_grad():
         a = adapted(input_ids=ids, pixel_values_videos=frames).logits
         b = merged(input_ids=ids, pixel_values_videos=frames).logits
-    assert torch.allclose(a, b, atol=1e-5)
+    # merging rounds W + s*BA once in float32: logits of ~2 then differ by a few 1e-6, past 1e-5 on CI
+    # (the gloo reduction order varies the trained adapter from run to run)
+    assert torch.allclose(a, b, atol=1e-4), (a - b).abs().max()
 
     # the hub export of A's stage export carries the shipped adapter along
     from videoflash.inference.export import export
