@@ -18,6 +18,10 @@ line to ``--out`` and prints a summary.
   224 px, 16 tokens per frame, a Qwen2.5-1.5B-shaped LLM) under DeepSpeed ZeRO-3 over NCCL, launched
   by torchrun, on synthetic frames and tokens (no data files): tokens/s, model TFLOP/s per GPU and MFU
   (videoflash.train.flops, vision FLOPs counted and shown on their own), peak memory.
+- ``train_packed``: the same model and engine on one packed row of 32k tokens per step (24 samples of
+  64 frames and 341 text tokens, ``packed_varlen`` attention, the chunked loss): the throughput
+  figure of training with ``data.pack_tokens``; ``mfu`` counts every FLOP, ``mfu_llm`` the LLM's
+  alone (lmms-engine's convention for video).
 
 ``--tiny`` shrinks every shape so that the same code runs on a CPU (gloo, fp32 there): the smoke
 test of this script on a machine without a GPU.
@@ -164,8 +168,26 @@ def check_packed(device, tiny: bool) -> list[dict]:
     return rows
 
 
-def check_train(device, tiny: bool, steps: int, frames: int, text_tokens: int) -> dict:
-    """bf16 ZeRO-3 steps on synthetic data; tokens/s, TFLOP/s, MFU, peak memory."""
+def synthetic_batch(config, text: dict, device, frames: int, text_tokens: int, samples: int) -> dict:
+    """``samples`` samples of ``frames`` random frames and ``text_tokens`` random tokens each (the image
+    placeholder at position 8, every token supervised); more than one: one packed row."""
+    size = config.vision_config["image_size"]
+    ids = torch.randint(0, text["vocab_size"] - 2, (1, samples * text_tokens), device=device)
+    ids[0, 8::text_tokens] = config.image_token_id
+    batch = {
+        "input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone(),
+        "pixel_values_videos": torch.randint(0, 256, (samples * frames, size, size, 3), dtype=torch.uint8, device=device),
+        "video_frame_counts": torch.full((samples,), frames, device=device),
+    }
+    if samples > 1:
+        batch["sample_lengths"] = torch.full((1, samples), text_tokens, device=device)
+    return batch
+
+
+def check_train(device, tiny: bool, steps: int, frames: int, text_tokens: int, samples: int = 1) -> dict:
+    """bf16 ZeRO-3 steps on synthetic data; tokens/s, TFLOP/s, MFU, peak memory. ``samples > 1``: one
+    packed row of that many samples per step (``packed_varlen`` attention, the fastest varlen kernel
+    here), as training with ``data.pack_tokens`` runs."""
     import deepspeed
 
     from videoflash.config.schema import DeepSpeedSchema
@@ -180,25 +202,23 @@ def check_train(device, tiny: bool, steps: int, frames: int, text_tokens: int) -
     vision = TINY_VISION if tiny else UMT_L_224
     config = VideoFlashConfig(vision_config=vision, text_config=dict(text), tokens_per_clip=64 if not tiny else 4,
                               tokens_per_image=64 if not tiny else 4, image_token_id=text["vocab_size"] - 1)
-    config.text_config._attn_implementation = "sdpa"
     torch.manual_seed(0)
     model = VideoFlashForConditionalGeneration(config)
+    if samples > 1:
+        from videoflash.model.packing import VARLEN
+
+        model.set_attn_implementation(VARLEN)
+    else:
+        model.set_attn_implementation("sdpa")
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})  # LLM and UMT
     ds = render(DeepSpeedSchema(), global_batch=world, micro_batch=1, world_size=world, bf16=bf16, grad_clip=1.0)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds)
-    size = vision["image_size"]
-    ids = torch.randint(0, text["vocab_size"] - 2, (1, text_tokens), device=device)
-    ids[0, 8] = config.image_token_id
-    batch = {
-        "input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone(),
-        "pixel_values_videos": torch.randint(0, 256, (frames, size, size, 3), dtype=torch.uint8, device=device),
-        "video_frame_counts": torch.tensor([frames], device=device),
-    }
+    batch = synthetic_batch(config, text, device, frames, text_tokens, samples)
     flops = FlopsModel.from_config(config, ["vision_tower", "connector", "language_model"]).batch(
         {"video_frame_counts": batch["video_frame_counts"].cpu(), "image_tile_counts": torch.tensor([0]),
-         "num_text_tokens": torch.tensor([text_tokens - 1]),
-         "num_visual_tokens": torch.tensor([frames // 4 * config.tokens_per_clip])})
+         "num_text_tokens": torch.full((samples,), text_tokens - 1),
+         "num_visual_tokens": torch.full((samples,), frames // 4 * config.tokens_per_clip)})
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     times, losses = [], []
@@ -212,15 +232,17 @@ def check_train(device, tiny: bool, steps: int, frames: int, text_tokens: int) -
         times.append(time.perf_counter() - t0)
         losses.append(loss.detach().item())
     sec = sorted(times[1:] or times)[len(times[1:] or times) // 2]  # median after the first step
-    tokens = text_tokens - 1 + frames // 4 * config.tokens_per_clip
+    tokens = samples * (text_tokens - 1 + frames // 4 * config.tokens_per_clip)
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     peak = peak_tflops(name)
     row = {
-        "check": "train", "device": name, "world": world, "bf16": bf16, "zero_stage": 3,
+        "check": "train_packed" if samples > 1 else "train", "samples": samples,
+        "attn": model.language_model.config._attn_implementation, "device": name, "world": world, "bf16": bf16, "zero_stage": 3,
         "params_m": sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.parameters()) / 1e6,
         "frames": frames, "tokens": tokens, "step_s": sec, "tokens_per_s": tokens / sec,
-        "tflops": flops["total"] / sec / 1e12, "vision_tflops": flops["vision"] / sec / 1e12,
-        "mfu": flops["total"] / sec / 1e12 / peak if peak else None, "losses": losses,
+        "tflops": flops["total"] / sec / 1e12, "vision_tflops": (flops["vision"] + flops["connector"]) / sec / 1e12,
+        "mfu": flops["total"] / sec / 1e12 / peak if peak else None,
+        "mfu_llm": flops["llm"] / sec / 1e12 / peak if peak else None, "losses": losses,
         "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
     }
     return row
@@ -230,7 +252,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="JSON lines written here")
     p.add_argument("--tiny", action="store_true", help="tiny shapes: a CPU smoke run of the same code")
-    p.add_argument("--checks", nargs="+", default=["attention", "packed", "train"], choices=["attention", "packed", "train"])
+    p.add_argument("--checks", nargs="+", default=["attention", "packed", "train", "train_packed"],
+                   choices=["attention", "packed", "train", "train_packed"])
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--frames", type=int, default=256, help="train: frames per sample (16 tokens each)")
     p.add_argument("--text-tokens", type=int, default=1024, help="train: text tokens per sample")
@@ -247,6 +270,9 @@ def main(argv=None) -> int:
         rows += check_packed(device, a.tiny)
     if "train" in a.checks:
         rows.append(check_train(device, a.tiny, a.steps, a.frames if not a.tiny else 8, a.text_tokens if not a.tiny else 32))
+    if "train_packed" in a.checks:  # one row of 32k tokens: 24 samples of 64 frames (1024 visual) + 341 text
+        rows.append(check_train(device, a.tiny, a.steps, 64 if not a.tiny else 8, 341 if not a.tiny else 16,
+                                samples=24 if not a.tiny else 3))
     if rank == 0:
         with open(a.out, "a") as f:
             for r in rows:

@@ -37,3 +37,8 @@ def test_gpu_check_tiny_runs_on_cpu(tmp_path, ds_env):
     (train,) = [r for r in rows if r["check"] == "train"]
     assert train["zero_stage"] == 3 and train["tokens"] == 32 - 1 + 8 // 4 * 4
     assert train["losses"][-1] < train["losses"][0]
+    # one packed row of 3 samples (8 frames -> 2 clips x 4 tokens, 16 text tokens each) per step
+    (packed_train,) = [r for r in rows if r["check"] == "train_packed"]
+    assert packed_train["attn"] == "packed_varlen" and packed_train["samples"] == 3
+    assert packed_train["tokens"] == 3 * (16 - 1 + 8 // 4 * 4)
+    assert packed_train["losses"][-1] < packed_train["losses"][0]

@@ -1,9 +1,15 @@
 """What a step reports, and where it goes (rank 0 only).
 
 :class:`StepStats` accumulates one optimizer step on one rank (loss of every micro-batch, text and
-visual tokens, samples, model FLOPs); :meth:`StepStats.reduce` sums it over ranks. :class:`Reporter`
-turns it into the numbers users read — loss, lr, tokens/s, visual tokens/s, s/step, ETA, TFLOP/s and
-MFU on GPU — and sends them to a tqdm progress bar, ``metrics.jsonl`` and wandb.
+visual tokens, samples, model FLOPs with the vision part on its own); :meth:`StepStats.reduce` sums
+it over ranks. :class:`Reporter` turns it into the numbers users read — loss, lr, tokens/s (all ranks
+and per device), visual tokens/s, s/step, ETA, TFLOP/s per device and MFU on GPU — and sends them to
+a tqdm progress bar, ``metrics.jsonl`` and wandb.
+
+Two MFUs, because papers report both: ``mfu`` counts every model FLOP of the step (vision tower,
+connector, LLM); ``mfu_llm`` counts the LLM's alone over the same time, the convention of
+lmms-engine's video figures ("vision FLOPs left out"). ``vision_flops_share`` says how far apart the
+two are: the vision tower and connector's share of the step's FLOPs.
 """
 
 from __future__ import annotations
@@ -32,8 +38,14 @@ class StepStats:
     text_tokens: int = 0
     visual_tokens: int = 0
     flops: float = 0.0
+    vision_flops: float = 0.0  # of ``flops``: the vision tower and the connector
 
-    def add(self, loss: float, batch: dict[str, Any], flops: float) -> None:
+    def add(self, loss: float, batch: dict[str, Any], flops: float | dict[str, float]) -> None:
+        """One micro-batch. ``flops``: the total, or :meth:`FlopsModel.batch`'s parts (``vision``,
+        ``connector``, ``llm``, ``total``)."""
+        if isinstance(flops, dict):
+            self.vision_flops += flops.get("vision", 0.0) + flops.get("connector", 0.0)
+            flops = flops["total"]
         self.loss_sum += loss
         self.micro_batches += 1
         self.samples += len(batch["keys"]) if "keys" in batch else int(batch["input_ids"].shape[0])  # packed rows hold several
@@ -46,10 +58,12 @@ class StepStats:
         sequence-parallel group, each holding the whole batch's loss and a share of its work), whose
         sums count once."""
         values = distributed.all_reduce_sum(
-            [self.loss_sum, self.micro_batches, self.samples, self.text_tokens, self.visual_tokens, self.flops], device
+            [self.loss_sum, self.micro_batches, self.samples, self.text_tokens, self.visual_tokens, self.flops,
+             self.vision_flops], device
         )
         values = [v / replicas for v in values]
-        return StepStats(values[0], round(values[1]), round(values[2]), round(values[3]), round(values[4]), values[5])
+        return StepStats(values[0], round(values[1]), round(values[2]), round(values[3]), round(values[4]), values[5],
+                         values[6])
 
     @property
     def loss(self) -> float:
@@ -104,15 +118,20 @@ class Reporter:
             "tokens": tokens,
             "visual_tokens": stats.visual_tokens,
             "tokens_per_s": tokens / seconds,
+            "tokens_per_s_per_device": tokens / seconds / self.world_size,
             "visual_tokens_per_s": stats.visual_tokens / seconds,
             "s_per_step": seconds,
             "eta_s": sec_per_step * (self.total_steps - step),
             "tflops_per_step": stats.flops / 1e12,
             "tflops_per_s_per_device": stats.flops / seconds / self.world_size / 1e12,
+            "vision_tflops_per_s_per_device": stats.vision_flops / seconds / self.world_size / 1e12,
+            "vision_flops_share": stats.vision_flops / stats.flops if stats.flops else 0.0,
             **extra,
         }
         if self.peak_tflops:
             record["mfu"] = record["tflops_per_s_per_device"] / self.peak_tflops
+            llm = record["tflops_per_s_per_device"] - record["vision_tflops_per_s_per_device"]
+            record["mfu_llm"] = llm / self.peak_tflops
         if not self.enabled:
             return record
         self._file.write(json.dumps(record) + "\n")
@@ -124,17 +143,23 @@ class Reporter:
             postfix = {
                 "loss": f"{stats.loss:.4f}",
                 "lr": f"{first_lr:.2e}",
-                "tok/s": f"{record['tokens_per_s']:.0f}",
+                "tok/s/dev": f"{record['tokens_per_s_per_device']:.0f}",
                 "vis/s": f"{record['visual_tokens_per_s']:.0f}",
                 "s/step": f"{seconds:.2f}",
+                "TF/s/dev": f"{record['tflops_per_s_per_device']:.3g}",
+                "vis-F": f"{record['vision_flops_share']:.0%}",
             }
             if "mfu" in record:
                 postfix["mfu"] = f"{record['mfu']:.1%}"
+                postfix["mfu-llm"] = f"{record['mfu_llm']:.1%}"
             self._bar.set_postfix(postfix, refresh=False)
             self._bar.update(1)
         else:
-            log.info("step %d/%d loss %.4f %.0f tok/s %.2f s/step eta %.0f s", step, self.total_steps, stats.loss,
-                     record["tokens_per_s"], seconds, record["eta_s"])
+            log.info("step %d/%d loss %.4f %.0f tok/s per device %.3g TFLOP/s per device (vision %.0f%%)%s "
+                     "%.2f s/step eta %.0f s", step, self.total_steps, stats.loss, record["tokens_per_s_per_device"],
+                     record["tflops_per_s_per_device"], 100 * record["vision_flops_share"],
+                     f" MFU {record['mfu']:.1%} (LLM alone {record['mfu_llm']:.1%})" if "mfu" in record else "",
+                     seconds, record["eta_s"])
         return record
 
     def event(self, **values) -> None:

@@ -412,7 +412,7 @@ class Trainer:
                 loss = engine(**self.model_inputs(batch)).loss
                 engine.backward(loss * self.backward_scale if self.backward_scale != 1 else loss)
                 engine.step()  # DeepSpeed steps the optimizer and the LR schedule every grad_accum calls
-                stats.add(loss.item(), batch, self.flops.batch(batch)["total"])
+                stats.add(loss.item(), batch, self.flops.batch(batch))
             self.after_step(stats, time.perf_counter() - start, lrs)
             stop = self.preemption.should_stop() or state.step == self.cfg.train.stop_after_steps
             if stop or (every and state.step % every == 0):
