@@ -7,7 +7,8 @@
 # 1. attention kernels (flash-attn if installed, SDPA backends) against SDPA's float32 math, UMT shapes;
 #    and the kernels of packed rows (flash-attn varlen, torch varlen, FlexAttention document mask,
 #    SDPA per sample) against float32 SDPA sample by sample, forward and gradients, at 32k tokens;
-# 2. bf16 training steps of a VideoChat-Flash-2B-shaped random model under DeepSpeed ZeRO-3 over NCCL:
+# 2. bf16 training steps of a VideoChat-Flash-2B-shaped random model under DeepSpeed ZeRO-3 over NCCL, one
+#    sample per step and one packed row of 32k tokens (MFU with and without the vision FLOPs):
 #    tokens/s, TFLOP/s, MFU, peak memory (scripts/gpu_check.py);
 # 3. the long-video frame search at Qwen2-7B width, with and without the published visual dropout
 #    (scripts/bench_long_video.py --device cuda --search);
