@@ -88,6 +88,16 @@ LONG_TASKS = ("needle_color", "needle_time")
 IMAGE_TASKS = ("image_color", "image_shape")
 
 
+def shown_tasks(kind: str, task: str) -> list[str]:
+    """The tasks a record's media answers: every short clip shows a colour and a shape, a ``motion``
+    clip also a direction and a ``count`` clip a number of flashes (the drift of the others is no
+    direction, their steady shape no count); a long video its needle's colour and time; an image its
+    colour and shape."""
+    if kind == "short":
+        return ["color", "shape", *([task] if task in ("motion", "count") else [])]
+    return list(LONG_TASKS if kind == "long" else IMAGE_TASKS)
+
+
 def prompt_for(task: str) -> str:
     """The question text of a task, with its answer choices."""
     t = TASKS[task]
@@ -111,6 +121,11 @@ class SynthConfig:
     long_duration: tuple[float, float] = (60.0, 120.0)
     needle_seconds: float = 4.0
     crf: int = 20
+    # "all": a training record asks, after its own question, every other fact its video shows, turn
+    # by turn in a seeded order (a short clip's colour and shape, and its motion or count when it
+    # moves or flashes; a long video's needle colour and time), as instruction data asks several
+    # questions per video; "one": its own question only. Held-out records always ask one.
+    train_questions: str = "one"
     splits: dict = field(default_factory=dict)  # filled in: split -> counts
 
 
@@ -320,6 +335,12 @@ def _make(args) -> dict:
         {"from": "human", "value": "<image>\n" + prompt_for(task)},
         {"from": "gpt", "value": answer},
     ]
+    if cfg.train_questions == "all" and spec["split"] == "train":
+        others = [t for t in shown_tasks(spec["kind"], task) if t != task]
+        order = np.random.default_rng([*spec["seed"], 7]).permutation(len(others))
+        for k in order:
+            rec["conversations"] += [{"from": "human", "value": prompt_for(others[k])},
+                                     {"from": "gpt", "value": facts[others[k]]}]
     rec.update(task=task, answer=answer, choices=list(TASKS[task]["choices"]), split=spec["split"])
     if spec["kind"] != "image":
         rec["duration"] = round(float(facts["duration"]), 6)
@@ -339,6 +360,8 @@ def generate_corpus(out_dir: str, cfg: SynthConfig | None = None, workers: int |
     cfg = cfg or SynthConfig()
     if not 0.0 <= cfg.long_fraction <= 1.0:
         raise ValueError(f"long_fraction must be in [0, 1], got {cfg.long_fraction}")
+    if cfg.train_questions not in ("one", "all"):
+        raise ValueError(f"train_questions must be 'one' or 'all', got {cfg.train_questions!r}")
     if cfg.short_seconds < len(COUNTS):
         raise ValueError(f"short clips need at least {len(COUNTS)} one-second slots for the count task")
     os.makedirs(out_dir, exist_ok=True)
@@ -424,6 +447,8 @@ def main(argv=None) -> int:
     p.add_argument("--long-duration", type=float, nargs=2, default=(60.0, 120.0), metavar=("MIN", "MAX"))
     p.add_argument("--needle-seconds", type=float, default=4.0)
     p.add_argument("--crf", type=int, default=20, help="x264 quality (lower: larger files)")
+    p.add_argument("--train-questions", choices=("one", "all"), default="one",
+                   help="all: training records also ask every other fact their video shows (multi-turn)")
     p.add_argument("--workers", type=int, default=None, help="parallel processes (default: up to 4)")
     a = p.parse_args(argv)
     w, h = _size(a.resolution)
@@ -441,6 +466,7 @@ def main(argv=None) -> int:
         long_duration=tuple(a.long_duration),
         needle_seconds=a.needle_seconds,
         crf=a.crf,
+        train_questions=a.train_questions,
     )
     meta = generate_corpus(a.out, cfg, workers=a.workers)
     total = sum(sum(c.values()) for c in meta["counts"].values())

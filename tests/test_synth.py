@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from data_tools.synth_videos import SynthConfig, generate_corpus, main
+from data_tools.synth_videos import TASKS, SynthConfig, generate_corpus, main, prompt_for
 from videoflash.data.sampling import frame_indices
 
 CFG = SynthConfig(
@@ -126,6 +126,29 @@ def test_layout_meta_and_splits(corpus):
     assert tasks.count("needle_color") == tasks.count("needle_time") == 2
 
 
+def _short_answer(task, frames):
+    """What a short clip's pixels say for ``task`` (None: they do not say it)."""
+    shown = max(range(len(frames)), key=lambda i: (_colored(frames[i]).sum(), i == len(frames) // 2))
+    if task == "color":  # on the frame that shows most of the shape (a count clip's flashes come and go)
+        return _color_name(frames[shown])
+    if task == "shape":
+        return _shape_name(frames[shown])
+    if task == "motion":
+        (y0, x0), (y1, x1) = _centroid(frames[0]), _centroid(frames[-1])
+        dy, dx = y1 - y0, x1 - x0
+        if max(abs(dx), abs(dy)) <= 20:
+            return None
+        return ("right" if dx > 0 else "left") if abs(dx) > abs(dy) else ("down" if dy > 0 else "up")
+    if task == "count":
+        counts = set()
+        for n in (4, 8, 16):  # stage-1 (4 frames) and stage-2 style sampling both see each flash once
+            idx = frame_indices(32, 8.0, "middle", 0, n)
+            seen = [bool(_colored(frames[i]).any()) for i in idx]
+            counts.add(sum(1 for k, v in enumerate(seen) if v and (k == 0 or not seen[k - 1])))
+        return {1: "one", 2: "two", 3: "three"}.get(counts.pop()) if len(counts) == 1 else None
+    raise AssertionError(task)
+
+
 def test_short_clip_answers_are_in_the_pixels(corpus):
     root, _ = corpus
     checked = 0
@@ -134,25 +157,49 @@ def test_short_clip_answers_are_in_the_pixels(corpus):
             continue
         frames, vr = _frames(root, r)
         assert len(vr) == 32 and vr.get_avg_fps() == pytest.approx(8.0)
-        task, answer = r["task"], r["answer"]
-        if task == "color":
-            assert _color_name(frames[len(frames) // 2]) == answer
-        elif task == "shape":
-            assert _shape_name(frames[len(frames) // 2]) == answer
-        elif task == "motion":
-            (y0, x0), (y1, x1) = _centroid(frames[0]), _centroid(frames[-1])
-            dy, dx = y1 - y0, x1 - x0
-            got = ("right" if dx > 0 else "left") if abs(dx) > abs(dy) else ("down" if dy > 0 else "up")
-            assert got == answer and max(abs(dx), abs(dy)) > 20
-        elif task == "count":
-            words = {"one": 1, "two": 2, "three": 3}
-            for n in (4, 8, 16):  # stage-1 (4 frames) and stage-2 style sampling both see each flash once
-                idx = frame_indices(32, 8.0, "middle", 0, n)
-                seen = [bool(_colored(frames[i]).any()) for i in idx]
-                flashes = sum(1 for k, v in enumerate(seen) if v and (k == 0 or not seen[k - 1]))
-                assert flashes == words[answer], (r["id"], n, seen)
+        assert _short_answer(r["task"], frames) == r["answer"], r["id"]
         checked += 1
     assert checked == 12 + 6
+
+
+def _needle_answers(frames, fps):
+    on = [i for i, f in enumerate(frames) if _colored(f).sum() > 20]
+    t0, t1 = on[0] / fps, (on[-1] + 1) / fps
+    duration = len(frames) / fps
+    third = ["beginning", "middle", "end"][int(((t0 + t1) / 2) // (duration / 3))]
+    return {"needle_color": _color_name(frames[on[len(on) // 2]]), "needle_time": third}
+
+
+def test_all_questions_per_training_video_are_answered_by_its_pixels(corpus, tmp_path):
+    # train_questions="all": each training record keeps its own first turn, then asks every other fact
+    # its video shows; each answer is read back from the pixels; the held-out split is unchanged
+    import dataclasses
+
+    root, _ = corpus
+    out = tmp_path / "all"
+    generate_corpus(str(out), dataclasses.replace(CFG, train_questions="all"), workers=1, progress=False)
+    one = {r["id"]: r for r in _records(root, "train")}
+    assert _records(out, "heldout") == _records(root, "heldout")
+    turns_by_kind = {"short": set(), "long": set()}
+    for r in _records(out, "train"):
+        conv = r["conversations"]
+        assert conv[:2] == one[r["id"]]["conversations"] and r["answer"] == one[r["id"]]["answer"]
+        kind = r["id"].split("_")[1]
+        pairs = [(conv[i]["value"], conv[i + 1]["value"]) for i in range(0, len(conv), 2)]
+        assert all(c["from"] == ("human" if i % 2 == 0 else "gpt") for i, c in enumerate(conv))
+        tasks = [next(t for t in TASKS if TASKS[t]["kind"] == kind and prompt_for(t) in q) for q, _ in pairs]
+        assert len(set(tasks)) == len(tasks) and tasks[0] == r["task"]
+        if kind == "image":
+            assert sorted(tasks) == ["image_color", "image_shape"]
+            continue
+        frames, vr = _frames(out, r)
+        for task, (_, answer) in zip(tasks, pairs):
+            want = _short_answer(task, frames) if kind == "short" else _needle_answers(frames, vr.get_avg_fps())[task]
+            assert want == answer, (r["id"], task)
+        expect = {"color", "shape", *({r["task"]} & {"motion", "count"})} if kind == "short" else {"needle_color", "needle_time"}
+        assert set(tasks) == expect, r["id"]
+        turns_by_kind[kind].add(len(tasks))
+    assert turns_by_kind == {"short": {2, 3}, "long": {2}}
 
 
 def test_needles_are_where_the_answer_says(corpus):

@@ -37,11 +37,21 @@ def make_corpus(cfg) -> None:
     """The synthetic corpus and its shards, generated once."""
     root = Path(cfg.data.root)
     synth = cfg.data.synthetic
+    wanted = {"num_train": synth.num_train, "num_heldout": synth.num_heldout, "seed": synth.seed,
+              "train_questions": synth.train_questions}
+    meta = root / "meta.json"
+    if meta.is_file():
+        made = json.loads(meta.read_text()).get("config", {})
+        stale = [k for k, v in wanted.items() if made.get(k, "one" if k == "train_questions" else None) != v]
+        if stale:
+            print(f"[quickstart] {root} was generated with other {', '.join(stale)}; generating it anew", flush=True)
+            shutil.rmtree(root)
     if not (root / "heldout.jsonl").is_file():
         from data_tools.synth_videos import SynthConfig, generate_corpus
 
         print(f"[quickstart] generating the synthetic corpus in {root} ...", flush=True)
-        generate_corpus(str(root), SynthConfig(num_train=synth.num_train, num_heldout=synth.num_heldout, seed=synth.seed))
+        generate_corpus(str(root), SynthConfig(num_train=synth.num_train, num_heldout=synth.num_heldout, seed=synth.seed,
+                                               train_questions=synth.train_questions))
     if not (root / "shards" / "train-index.json").is_file():
         print("[quickstart] sharding it ...", flush=True)
         subprocess.run(

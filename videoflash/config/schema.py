@@ -111,6 +111,7 @@ class SynthSchema:
     num_train: int = 2000
     num_heldout: int = 200
     seed: int = 0
+    train_questions: str = "one"  # "all": training records ask every fact their video shows (multi-turn)
 
 
 @dataclass

@@ -144,6 +144,8 @@ def validate(cfg: DictConfig) -> VideoFlashSchema:
         _positive(f"data.sources[{i}].weight", src.weight)
     _positive("data.num_samples", d.num_samples)
     _positive("data.num_workers", d.num_workers, allow_zero=True)
+    if d.synthetic is not None:
+        _choice("data.synthetic.train_questions", d.synthetic.train_questions, ("one", "all"))
     _positive("data.max_batch_tokens", d.max_batch_tokens)
     _positive("data.pack_tokens", d.pack_tokens, allow_zero=True)
     if d.pack_tokens:
