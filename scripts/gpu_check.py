@@ -191,14 +191,16 @@ def check_train(device, tiny: bool, steps: int, frames: int, text_tokens: int) -
     ids = torch.randint(0, text["vocab_size"] - 2, (1, text_tokens), device=device)
     ids[0, 8] = config.image_token_id
     batch = {
-        "input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone(),
+        "input_ids": ids, "attention_mask": torch.ones_like(ids),
+        "labels": ids.masked_fill(ids == config.image_token_id, -100),
         "pixel_values_videos": torch.randint(0, 256, (frames, size, size, 3), dtype=torch.uint8, device=device),
         "video_frame_counts": torch.tensor([frames], device=device),
     }
     flops = FlopsModel.from_config(config, ["vision_tower", "connector", "language_model"]).batch(
         {"video_frame_counts": batch["video_frame_counts"].cpu(), "image_tile_counts": torch.tensor([0]),
          "num_text_tokens": torch.tensor([text_tokens - 1]),
-         "num_visual_tokens": torch.tensor([frames // 4 * config.tokens_per_clip])})
+         "num_visual_tokens": torch.tensor([frames // 4 * config.tokens_per_clip]),
+         "labels": batch["labels"].cpu()})  # the head runs on the supervised tokens only
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     times, losses = [], []

@@ -261,3 +261,28 @@ def test_zero3_ranks_with_different_clip_counts_agree_on_vision_calls(tmp_path, 
     assert sorted(one_call) == sorted(chunked) == [1, 2, 3]
     for step in one_call:
         assert math.isclose(chunked[step], one_call[step], rel_tol=1e-4), (step, chunked[step], one_call[step])
+
+
+def test_the_benchmarks_memory_accounting_on_hand_counted_allocations():
+    """scripts/bench_memory.py's LiveBytes against bytes counted by hand: new storages count once
+    (views and in-place results share them), freed ones are subtracted, inputs never count."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "bench_memory.py"
+    spec = importlib.util.spec_from_file_location("bench_memory", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+
+    given = torch.ones(1000)  # 4000 bytes, there before
+    tracker = bench.LiveBytes().ignore([given])
+    with tracker:
+        view = given[:10]  # a view of an input: nothing new
+        a = torch.empty(1000)  # +4000
+        a.add_(1.0)  # in place: nothing new
+        b = a.view(10, 100).t()  # a view: nothing new
+        c = torch.empty(500, dtype=torch.float64)  # +4000 -> 8000 alive, the peak
+        del a, b  # -4000
+        d = torch.empty(100)  # +400
+        assert tracker.live == 4400
+    assert tracker.peak == 8000 and view.shape == (10,) and c.numel() + d.numel() == 600
