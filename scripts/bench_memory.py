@@ -232,6 +232,7 @@ def main(argv=None) -> int:
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--clips-per-call", type=int, default=8)
     p.add_argument("--threads", type=int, default=0, help="torch threads per case (0: torch's default)")
+    p.add_argument("--parts", default="loss,check,vision", help="which of loss, check, vision to run")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
@@ -242,12 +243,15 @@ def main(argv=None) -> int:
     print(f"torch {torch.__version__}, python {platform.python_version()}, {os.cpu_count()} cpus, "
           f"threads {args.threads or torch.get_num_threads()}", flush=True)
     ratios = {}
+    parts = set(args.parts.split(","))
 
     # 1. the loss at full size, on the meta device (accounting only)
     base = dict(part="loss", device="meta", dtype=dtype, tokens=args.tokens, vocab=args.vocab, hidden=args.hidden,
                 chunk=args.chunk, threads=args.threads)
     for label, supervised in (("all supervised", args.tokens), (f"{args.supervised:.0%} supervised",
                                                                 max(2, int(args.tokens * args.supervised)))):
+        if "loss" not in parts:
+            break
         full = run_child(dict(base, path="full", supervised=supervised))
         chunked = run_child(dict(base, path="chunked", supervised=supervised))
         ratio = chunked["peak_gb"] / full["peak_gb"]
@@ -256,7 +260,16 @@ def main(argv=None) -> int:
               f"{args.dtype}, meta: full logits {full['peak_gb']:.2f} GB | chunked ({args.chunk} rows) "
               f"{chunked['peak_gb']:.2f} GB | {ratio:.3f}x", flush=True)
 
-    # 2. the same accounting on real CPU tensors at a size that fits, against the process's RSS
+    if "check" in parts:
+        check_loss(args, base)
+    if "vision" in parts:
+        ratios[f"vision ({args.frames} frames)"] = vision(args)
+    print("peak memory vs before: " + ", ".join(f"{k} {v:.3f}x" for k, v in ratios.items()))
+    return 0
+
+
+def check_loss(args, base: dict) -> None:
+    """2. the same accounting on real CPU tensors at a size that fits, against the process's RSS."""
     check = dict(base, device="cpu", dtype="float32", tokens=args.check_tokens, vocab=args.check_vocab,
                  hidden=args.check_hidden, supervised=args.check_tokens, chunk=min(args.chunk, args.check_tokens // 4))
     full = run_child(dict(check, path="full"))
@@ -269,7 +282,9 @@ def main(argv=None) -> int:
           f"{chunked['seconds']:.1f} s | tracked {chunked['peak_gb'] / full['peak_gb']:.3f}x, "
           f"RSS {chunked['rss_gb'] / full['rss_gb']:.3f}x | same loss and gradients: {same}", flush=True)
 
-    # 3. the vision tower at many frames, real CPU tensors
+
+def vision(args) -> float:
+    """3. the vision tower at many frames, real CPU tensors."""
     vis = dict(part="vision", frames=args.frames, image_size=args.image_size, width=args.width, depth=args.depth,
                heads=args.heads, threads=args.threads)
     one = run_child(dict(vis, per_call=0))
@@ -278,15 +293,13 @@ def main(argv=None) -> int:
         abs(one["grad_norm"] - chunks["grad_norm"]) <= 1e-4 * abs(one["grad_norm"])
     clips, patches = args.frames // 4, 4 * (args.image_size // 16) ** 2
     ratio = chunks["peak_gb"] / one["peak_gb"]
-    ratios[f"vision ({args.frames} frames)"] = ratio
     print(f"vision {args.frames} frames ({clips} clips of {patches} patches) at {args.image_size} px, UMT width "
           f"{args.width} depth {args.depth}, fp32, CPU: one call {one['peak_gb']:.3f} GB tracked / "
           f"{one['rss_gb']:.3f} GB RSS, {one['seconds']:.1f} s | {args.clips_per_call} clips per call "
           f"{chunks['peak_gb']:.3f} GB tracked / {chunks['rss_gb']:.3f} GB RSS, {chunks['seconds']:.1f} s | "
           f"tracked {ratio:.3f}x, RSS {chunks['rss_gb'] / one['rss_gb']:.3f}x | same loss and gradients: {same}",
           flush=True)
-    print("peak memory vs before: " + ", ".join(f"{k} {v:.3f}x" for k, v in ratios.items()))
-    return 0
+    return ratio
 
 
 if __name__ == "__main__":
