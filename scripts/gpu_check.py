@@ -175,7 +175,8 @@ def synthetic_batch(config, text: dict, device, frames: int, text_tokens: int, s
     ids = torch.randint(0, text["vocab_size"] - 2, (1, samples * text_tokens), device=device)
     ids[0, 8::text_tokens] = config.image_token_id
     batch = {
-        "input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone(),
+        "input_ids": ids, "attention_mask": torch.ones_like(ids),
+        "labels": ids.masked_fill(ids == config.image_token_id, -100),
         "pixel_values_videos": torch.randint(0, 256, (samples * frames, size, size, 3), dtype=torch.uint8, device=device),
         "video_frame_counts": torch.full((samples,), frames, device=device),
     }
@@ -215,10 +216,13 @@ def check_train(device, tiny: bool, steps: int, frames: int, text_tokens: int, s
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds)
     batch = synthetic_batch(config, text, device, frames, text_tokens, samples)
-    flops = FlopsModel.from_config(config, ["vision_tower", "connector", "language_model"]).batch(
-        {"video_frame_counts": batch["video_frame_counts"].cpu(), "image_tile_counts": torch.tensor([0]),
-         "num_text_tokens": torch.full((samples,), text_tokens - 1),
-         "num_visual_tokens": torch.full((samples,), frames // 4 * config.tokens_per_clip)})
+    counted = {"video_frame_counts": batch["video_frame_counts"].cpu(), "image_tile_counts": torch.tensor([0]),
+               "num_text_tokens": torch.full((samples,), text_tokens - 1),
+               "num_visual_tokens": torch.full((samples,), frames // 4 * config.tokens_per_clip),
+               "labels": batch["labels"].cpu()}  # the head runs on the supervised tokens only
+    if "sample_lengths" in batch:
+        counted["sample_lengths"] = batch["sample_lengths"].cpu()
+    flops = FlopsModel.from_config(config, ["vision_tower", "connector", "language_model"]).batch(counted)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     times, losses = [], []

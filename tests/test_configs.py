@@ -252,6 +252,18 @@ def test_analytic_flops_match_torch_flop_counter():
     L, h = model.config.text_config.num_hidden_layers, model.config.text_config.hidden_size
     assert fm.llm_forward(n) + 2 * L * n * n * h == pytest.approx(fc.get_total_flops(), rel=0.02)
 
+    # with labels the model runs the output head on the supervised tokens only (the targets of the
+    # shifted loss: labels[:, 1:]), so the head counts 6 rows, not 40
+    labels = torch.full_like(ids, -100)
+    labels[0, -6:] = ids[0, -6:]
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc, torch.no_grad():
+        model(input_ids=ids, labels=labels)
+    assert fm.supervised_tokens({"labels": labels}) == 6
+    head = fc.get_flop_counts()["VideoFlashForConditionalGeneration.lm_loss"]  # the loss head's own module
+    assert sum(head.values()) == fm.head_forward(6)  # the logits of 6 rows
+    assert fm.llm_forward(n, head_rows=6) + 2 * L * n * n * h == pytest.approx(fc.get_total_flops(), rel=0.02)
+    assert fm.llm_forward(n) - fm.llm_forward(n, head_rows=6) == 2 * (n - 6) * h * model.config.text_config.vocab_size
+
 
 def test_training_flops_count_backward_only_where_gradients_flow():
     from videoflash.train.flops import FlopsModel
@@ -267,6 +279,16 @@ def test_training_flops_count_backward_only_where_gradients_flow():
     assert f1["vision"] == pytest.approx(enc)  # frozen encoder, nothing before it trains: forward only
     assert f1["llm"] == pytest.approx(2 * llm)  # frozen LLM with a trainable connector below: fwd + input grads
     assert f2["vision"] == pytest.approx(3 * enc) and f2["llm"] == pytest.approx(3 * llm)
+    # with labels (training) the head counts the supervised tokens only: 5 + 3 targets; each
+    # sample's first token is never a target (the shifted loss; in a packed row, each sample's own)
+    labels = torch.full((2, 40), -100)
+    labels[0, :6], labels[1, 10:13] = 1, 1
+    head = 2 * fwd.hidden * fwd.vocab
+    f3 = FlopsModel.from_config(model.config, ALL).batch({**batch, "labels": labels})
+    assert f3["llm"] == pytest.approx(3 * (llm - head * (28 + 46 - 8)))
+    packed = {**batch, "labels": labels.view(1, 80), "sample_lengths": torch.tensor([[10, 30]])}
+    labels[0, 10] = 1  # the second sample's first token: ignored in a packed row
+    assert FlopsModel.supervised_tokens(packed) == 8
 
 
 # -- preemption flag -----------------------------------------------------------------------------------

@@ -87,6 +87,14 @@ class ModelSchema:
     visual_dropout_keep_ratios: List[float] = field(default_factory=list)
     visual_dropout_kinds: List[str] = field(default_factory=list)
     visual_dropout_in_training: bool = False
+    # Memory bounds of training (docs/scale.md, "Memory-bounded loss and vision"). The loss runs the
+    # output head over the supervised positions only, this many rows of [rows, vocabulary] logits at
+    # a time (never [tokens, vocabulary]; Liger's fused kernel on CUDA when installed ignores it).
+    loss_chunk_size: int = 4096
+    # Clips per vision-tower call in training, each call activation-checkpointed (memory bounded by
+    # one call's clips); 0 = every clip of a micro-batch in one call. The ranks agree on a common
+    # number of calls per step (ZeRO-3 needs the same module calls on every rank).
+    vision_clips_per_call: int = 0
     vision: VisionSchema = field(default_factory=VisionSchema)
     text: TextSchema = field(default_factory=TextSchema)
     tokenizer: TokenizerSchema = field(default_factory=TokenizerSchema)

@@ -131,6 +131,8 @@ def validate(cfg: DictConfig) -> VideoFlashSchema:
         for key in needed:
             if getattr(m.text, key) is None:
                 raise ConfigError(f"model.text.{key}", "needed to build a fresh LLM when model.text.pretrained is null")
+    _positive("model.loss_chunk_size", m.loss_chunk_size)
+    _positive("model.vision_clips_per_call", m.vision_clips_per_call, allow_zero=True)
     _choice("model.tokenizer.kind", m.tokenizer.kind, ("tiny", "pretrained"))
     if m.tokenizer.kind == "pretrained" and not (m.tokenizer.path or m.text.pretrained):
         raise ConfigError("model.tokenizer.path", "a pretrained tokenizer needs a path (or model.text.pretrained)")

@@ -78,7 +78,8 @@ def lm_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.
                      bias: torch.Tensor | None = None, chunk_size: int = 4096, use_liger: bool = True) -> torch.Tensor:
     """Mean cross-entropy of ``hidden [N, h]`` through the head ``weight [V, h]`` against ``targets [N]``
     (all supervised: select the labelled positions first). ``N == 0`` gives a zero that is still in
-    the graph (every parameter gets a gradient, zero), not the NaN of an empty mean."""
+    the graph (every parameter gets a gradient, zero), not the NaN of an empty mean. Without a
+    backward to come (grad mode off, or nothing requires grad) only the losses are computed."""
     if hidden.ndim != 2 or targets.shape != hidden.shape[:1]:
         raise ValueError(f"lm_cross_entropy: hidden [N, h] and targets [N], got {tuple(hidden.shape)}, {tuple(targets.shape)}")
     if chunk_size < 1:
@@ -86,6 +87,15 @@ def lm_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.
     if hidden.shape[0] == 0:
         zero = hidden.sum() * 0.0 + weight.sum() * 0.0
         return zero + bias.sum() * 0.0 if bias is not None else zero
+    if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))):
+        # no backward will come (evaluation, no_grad): the losses alone, without the gradients that
+        # the autograd function computes in its forward (inside it grad mode is always off)
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for lo in range(0, hidden.shape[0], chunk_size):
+            logits = F.linear(hidden[lo:lo + chunk_size], weight, bias).float()
+            total += F.cross_entropy(logits, targets[lo:lo + chunk_size], reduction="sum")
+            del logits
+        return total / hidden.shape[0]
     if use_liger and hidden.is_cuda:
         fused = _liger()
         if fused is not None:

@@ -248,31 +248,36 @@ class VideoFlashForConditionalGeneration(VideoFlashPreTrainedModel, GenerationMi
         """uint8 frames ``[N, H, W, 3]`` (N a multiple of 4) -> ``[N/4 * tokens_per_clip, hidden]``.
 
         With ``config.vision_clips_per_call`` 0 (the default) all clips go through the encoder in one
-        call. With ``K > 0`` they go ``K`` clips at a time (encoder, merging and connector per chunk),
-        and in training each chunk is activation-checkpointed, so that forward and backward hold one
-        chunk's activations. ZeRO-3 needs the same module calls on every rank: ``vision_calls`` (the
+        call. With ``K > 0`` they go ``K`` clips at a time (normalisation, encoder, merging and
+        connector per chunk), and in training each chunk is activation-checkpointed, so that forward
+        and backward hold one chunk's activations. ZeRO-3 needs the same module calls on every rank: ``vision_calls`` (the
         largest chunk count over the ranks, agreed by the train room) pads with dummy chunks whose
         output is added times zero."""
         t = self.config.frames_per_clip
         if frames.shape[0] == 0 or frames.shape[0] % t:
             raise ValueError(f"a video needs a positive multiple of {t} frames, got {frames.shape[0]}")
-        x = self._normalize(frames)
-        clips = x.view(-1, t, *x.shape[1:])
         per_call = int(getattr(self.config, "vision_clips_per_call", 0) or 0)
         if per_call <= 0:
-            return self._encode_clips(clips)
-        chunks = list(clips.split(per_call, 0))
+            return self._encode_frames(frames)
+        # uint8 frames per chunk: normalisation (a float copy of every frame, larger than a narrow
+        # encoder's activations) happens inside the chunk too, and a checkpoint saves uint8 only
+        chunks = list(frames.split(per_call * t, 0))
         checkpointed = self.training and torch.is_grad_enabled()
-        run = self._encode_clips
+        run = self._encode_frames
         if checkpointed:
             from torch.utils.checkpoint import checkpoint
 
             def run(c):
-                return checkpoint(self._encode_clips, c, use_reentrant=False)
+                return checkpoint(self._encode_frames, c, use_reentrant=False)
         tokens = torch.cat([run(c) for c in chunks], 0)
         for _ in range(max(0, int(vision_calls or 0) - len(chunks))):  # ZeRO-3: the ranks' common count
-            tokens = tokens + run(torch.zeros_like(clips[:1])).sum() * 0.0
+            tokens = tokens + run(torch.zeros_like(frames[:t])).sum() * 0.0
         return tokens
+
+    def _encode_frames(self, frames: torch.Tensor) -> torch.Tensor:
+        """uint8 frames (whole clips) -> their merged, projected tokens."""
+        x = self._normalize(frames)
+        return self._encode_clips(x.view(-1, self.config.frames_per_clip, *x.shape[1:]))
 
     def _encode_clips(self, clips: torch.Tensor) -> torch.Tensor:
         feats = self.vision_tower(clips)  # [clips, t*L, width]

@@ -7,9 +7,12 @@ Counted per micro-batch from the batch itself (clips, tiles, real tokens per sam
   ``2 * P * 3p^2 * w`` (patch embedding) ``+ d * (2 * P * w^2 * (4 + 2r) + 4 * P^2 * w)``
   (qkv + output projection + MLP, then the two attention matmuls). Token merging is negligible.
 - **Connector**, per visual token: ``2 * (w * h + h * h)``.
-- **LLM**, per sample of ``n`` real tokens: ``2 * n * (N_layers + h * V)`` (every linear layer of
-  the decoder, ``N_layers`` weights, and the output head) ``+ 2 * L * n^2 * h`` (causal attention:
-  half of the ``4 * n^2 * h`` of full attention, per layer).
+- **LLM**, per sample of ``n`` real tokens: ``2 * n * N_layers`` (every linear layer of the decoder,
+  ``N_layers`` weights) ``+ 2 * L * n^2 * h`` (causal attention: half of the ``4 * n^2 * h`` of full
+  attention, per layer); and the **output head** ``2 * s * h * V`` over the micro-batch's ``s``
+  supervised tokens only: in training the model runs the head at the labelled positions alone
+  (``labels[:, 1:] != -100``, the targets of the shifted loss), not at every position. A batch
+  without labels counts the head at every real token (logits everywhere).
 
 A forward costs F; the backward costs F for the gradient with respect to the module's input (needed
 when anything before it trains) plus F for its weights (when it trains). So a module's training cost
@@ -101,9 +104,16 @@ class FlopsModel:
     def connector_forward(self, tokens: int) -> float:
         return float(2 * tokens * (self.width * self.hidden + self.hidden * self.hidden))
 
-    def llm_forward(self, seq_len: int) -> float:
+    def llm_forward(self, seq_len: int, head_rows: int | None = None) -> float:
+        """The decoder on one sequence of ``seq_len`` tokens and the output head on ``head_rows`` of
+        them (None: every token, as a forward without labels)."""
         n = seq_len
-        return float(2 * n * (self.layer_weights + self.hidden * self.vocab) + 2 * self.layers * n * n * self.hidden)
+        body = 2 * n * self.layer_weights + 2 * self.layers * n * n * self.hidden
+        return float(body) + self.head_forward(n if head_rows is None else head_rows)
+
+    def head_forward(self, rows: int) -> float:
+        """The output head (``[rows, h] @ [h, V]``) on ``rows`` positions."""
+        return float(2 * rows * self.hidden * self.vocab)
 
     # -- a micro-batch --------------------------------------------------------------------------------
     def batch(self, batch: Mapping[str, torch.Tensor]) -> dict[str, float]:
@@ -121,8 +131,34 @@ class FlopsModel:
         mult_llm = 1 + int(upstream or self.train_llm) + int(self.train_llm)
         vision = mult_vision * (clips * self.encoder_forward(self.frames_per_clip) + tiles * self.encoder_forward(1))
         connector = mult_connector * self.connector_forward(visual_tokens)
-        llm = mult_llm * sum(self.llm_forward(n) for n in lengths)
+        supervised = self.supervised_tokens(batch)
+        if supervised is None:  # no labels: logits at every real token
+            llm = mult_llm * sum(self.llm_forward(n) for n in lengths)
+        else:
+            llm = mult_llm * (sum(self.llm_forward(n, head_rows=0) for n in lengths) + self.head_forward(supervised))
         return {"vision": vision, "connector": connector, "llm": llm, "total": vision + connector + llm}
+
+    @staticmethod
+    def supervised_tokens(batch: Mapping[str, torch.Tensor]) -> int | None:
+        """Positions the training loss runs the head on: the labelled tokens that are not the first
+        of a sample (the shifted loss predicts a sample's tokens from its own earlier ones; a packed
+        row ignores each sample's first label, ``sample_lengths`` giving where they start); None
+        without labels."""
+        labels = batch.get("labels")
+        if labels is None:
+            return None
+        keep = labels != -100
+        lengths = batch.get("sample_lengths")
+        if lengths is None:
+            keep[:, 0] = False
+        else:
+            for row, row_lengths in enumerate(lengths.tolist()):
+                start = 0
+                for n in row_lengths:
+                    if n:
+                        keep[row, start] = False
+                        start += n
+        return int(keep.sum())
 
     def sequence_lengths(self, batch: Mapping[str, torch.Tensor]) -> list[int]:
         """Real tokens of each sample after splicing: its text tokens plus its visual tokens."""

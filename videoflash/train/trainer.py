@@ -240,7 +240,7 @@ class Trainer:
                 text=text, vision=m.vision.pretrained, vision_config=vision, tokenizer=tokenizer,
                 vision_trust_pickle=m.vision.trust_pickle,
                 tokens_per_clip=m.tokens_per_clip, tokens_per_image=m.tokens_per_image, max_grid=m.max_grid,
-                **self.dropout_fields(),
+                **self.dropout_fields(), **self.memory_fields(),
             )
             tmp = init_dir.with_name(".tmp_init")
             shutil.rmtree(tmp, ignore_errors=True)
@@ -261,6 +261,12 @@ class Trainer:
             visual_dropout_in_training=m.visual_dropout_in_training,
         )
 
+    def memory_fields(self) -> dict[str, int]:
+        """The model config's memory bounds of training (``model.loss_chunk_size``,
+        ``model.vision_clips_per_call``): the run's config wins over the starting point's."""
+        m = self.cfg.model
+        return dict(loss_chunk_size=m.loss_chunk_size, vision_clips_per_call=m.vision_clips_per_call)
+
     def build_model(self):
         """Every rank loads the starting point with ``from_pretrained`` while ``HfDeepSpeedConfig`` is
         alive, so ZeRO-3 partitions the parameters as they load (never ``load_state_dict``)."""
@@ -277,7 +283,7 @@ class Trainer:
                         "(set stage.image_size=%d to keep the model's resolution)", config.image_size,
                         self.cfg.stage.image_size, self.cfg.stage.image_size, config.image_size)
         config.vision_config["image_size"] = self.cfg.stage.image_size  # stage 4: high resolution
-        for key, value in self.dropout_fields().items():
+        for key, value in {**self.dropout_fields(), **self.memory_fields()}.items():
             if value is not None:
                 setattr(config, key, value)
         config.validate_visual_dropout()
@@ -409,7 +415,11 @@ class Trainer:
             stats = StepStats()
             for _ in range(self.grad_accum):
                 batch = self.next_batch()
-                loss = engine(**self.model_inputs(batch)).loss
+                inputs = self.model_inputs(batch)
+                calls = self.vision_calls(batch)
+                if calls is not None:
+                    inputs["vision_calls"] = calls
+                loss = engine(**inputs).loss
                 engine.backward(loss * self.backward_scale if self.backward_scale != 1 else loss)
                 engine.step()  # DeepSpeed steps the optimizer and the LR schedule every grad_accum calls
                 stats.add(loss.item(), batch, self.flops.batch(batch))
@@ -428,6 +438,21 @@ class Trainer:
         except StopIteration:  # an epoch of the stream ended: the loader starts its next one
             self.batches = iter(self.loader)
             return next(self.batches)
+
+    def vision_calls(self, batch: dict[str, Any]) -> int | None:
+        """With ``model.vision_clips_per_call`` set, the encoder calls of this micro-batch agreed by
+        every rank: the largest number any rank's micro-batch needs (an all-reduce MAX, one per
+        micro-batch). Under ZeRO-3 every rank must call each module as often as the others (each call
+        gathers its parameters collectively), so a rank with fewer clips pads with dummy calls; the
+        all-reduce spans the whole world, since ZeRO-3 partitions over every rank (the ranks of a
+        sequence-parallel group read the same samples, and agree trivially). None: one call per
+        micro-batch, nothing to agree."""
+        if not getattr(self.model.config, "vision_clips_per_call", 0):
+            return None
+        counts = batch.get("video_frame_counts")
+        frames = int(counts.sum()) if counts is not None else 0
+        needed = self.model.vision_calls_needed(frames)
+        return int(distributed.all_reduce_max(needed, self.device)) if self.world > 1 else needed
 
     def model_inputs(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         return {k: batch[k].to(self.device, non_blocking=True) for k in MODEL_KEYS if k in batch}
