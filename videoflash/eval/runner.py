@@ -10,8 +10,8 @@ run reads every rank's cache and asks only what is missing. Under ``torchrun`` (
 rank R takes samples R, R+W, ...; rank 0 gathers all records after a barrier (gloo) and prints the
 per-category and overall accuracy, written also to ``<out>/<bench>.json``.
 
-``answer_samples`` is the API the lmms-eval plug-in shares: the same prompt, the same call, the same
-extraction.
+``ask_video`` / ``continuation_logprob`` and ``load_model`` are what the lmms-eval plug-in
+(``videoflash.eval.lmms_plugin``) shares: the same model loading, the same call, the same decoding.
 """
 
 from __future__ import annotations
@@ -40,15 +40,54 @@ class AskSettings:
     kv_budget: int | None = None
 
 
-def ask(model, processor, bench: Benchmark, sample: Sample, settings: AskSettings) -> str:
-    """The model's reply to one sample (greedy)."""
+def ask_video(model, processor, video, prompt: str, settings: AskSettings, max_new_tokens: int,
+              start: float | None = None, end: float | None = None, images=None, history: list[dict] | None = None,
+              **generation) -> str:
+    """The model's reply to ``prompt`` about ``video`` (or ``images``, or neither): greedy unless
+    ``generation`` says otherwise. The one call the runner and the lmms-eval plug-in make, so that
+    both ask with the same frames, dropout, KV compression and decoding."""
     kv = {}
-    if settings.kv_compression:
+    if settings.kv_compression and video is not None:
         kv = {"kv_compression": settings.kv_compression, "kv_budget": settings.kv_budget}
-    gen = {"do_sample": False, "max_new_tokens": settings.max_new_tokens or bench.max_new_tokens}
-    return model.chat(sample.video, sample.prompt, processor=processor, max_frames=settings.max_frames,
-                      min_frames=settings.min_frames, start=sample.start, end=sample.end,
+    gen = {"do_sample": False, "max_new_tokens": settings.max_new_tokens or max_new_tokens, **generation}
+    return model.chat(video, prompt, processor=processor, history=history, images=images,
+                      max_frames=settings.max_frames, min_frames=settings.min_frames, start=start, end=end,
                       visual_dropout=settings.visual_dropout, generation_config=gen, **kv)
+
+
+def ask(model, processor, bench: Benchmark, sample: Sample, settings: AskSettings) -> str:
+    """The model's reply to one sample (greedy, the benchmark's ``max_new_tokens``)."""
+    return ask_video(model, processor, sample.video, sample.prompt, settings, bench.max_new_tokens,
+                     start=sample.start, end=sample.end)
+
+
+def continuation_logprob(model, processor, video, context: str, continuation: str, settings: AskSettings,
+                         start: float | None = None, end: float | None = None) -> tuple[float, bool]:
+    """``(log p(continuation | prompt), whether greedy decoding would give it)`` where the prompt is
+    the chat turn ``ask_video`` builds for ``context`` (same frames, same visual dropout with the
+    same query token: the prompt's last one). Option scoring (lmms-eval's ``loglikelihood``).
+    KV compression does not apply: the whole prompt is scored at once."""
+    import torch
+
+    from videoflash.model.inference_videoflash import _visual_inputs, visual_dropout
+
+    tok = processor.tokenizer
+    cont = tok(continuation, add_special_tokens=False)["input_ids"]
+    if not cont:
+        return 0.0, True
+    sampling = {"max_frames": settings.max_frames, "min_frames": settings.min_frames, "start": start, "end": end}
+    visual, time_msg, _ = _visual_inputs(model, processor, video, None, sampling, 16, 64)
+    prompt = processor.prompt_inputs(context, None, visual=bool(visual), time_msg=time_msg)["input_ids"]
+    ids = torch.cat([prompt, torch.tensor([cont], dtype=prompt.dtype)], dim=1).to(model.device)
+    visual = {k: v.to(model.device) for k, v in visual.items()}
+    query = torch.tensor([prompt.shape[1] - 1], device=model.device)
+    with visual_dropout(model.config, settings.visual_dropout), torch.no_grad():
+        out = model(input_ids=ids, attention_mask=torch.ones_like(ids), dropout_query_positions=query,
+                    logits_to_keep=len(cont) + 1, use_cache=False, **visual)
+    logp = torch.log_softmax(out.logits[0, :-1].float(), dim=-1)
+    target = torch.tensor(cont, device=logp.device)
+    total = logp.gather(1, target[:, None]).sum().item()
+    return float(total), bool((logp.argmax(-1) == target).all().item())
 
 
 def score_record(bench: Benchmark, sample: Sample, reply: str) -> dict[str, Any]:
@@ -133,13 +172,17 @@ def table(summary: dict[str, Any]) -> str:
 
 
 def load_model(export_dir: str, policy: str | None = None, min_frames: int | None = None,
-               max_frames: int | None = None, device: str | None = None):
+               max_frames: int | None = None, device: str | None = None, dtype: str = "float32"):
+    """The export's model (on ``device``: the GPU when there is one) and its processor, with the
+    frame policy and frame bounds overridden where given. ``dtype``: float32, bfloat16 or float16."""
     import torch
 
     from videoflash.model.modeling_videoflash import VideoFlashForConditionalGeneration
     from videoflash.model.processing_videoflash import VideoFlashProcessor
 
-    model = VideoFlashForConditionalGeneration.from_pretrained(export_dir, dtype=torch.float32)
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
+    model = VideoFlashForConditionalGeneration.from_pretrained(export_dir, dtype=getattr(torch, dtype))
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = model.to(device).eval()
     overrides = {k: v for k, v in (("frame_policy", policy), ("min_frames", min_frames), ("max_frames", max_frames))
