@@ -20,11 +20,14 @@ export HF_HUB_OFFLINE ?= 1
 venv: $(STAMP)
 
 $(STAMP): pyproject.toml $(LOCK)
+	if [ "$$(id -u)" = 0 ]; then bash scripts/install_ffmpeg.sh; fi
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip wheel setuptools
 	$(PY) -m pip install -r $(LOCK)
 	$(PY) -m pip install --no-deps -e .
 	$(PY) -m pip check
+	@$(PY) -c "from videoflash.model.video_io import torchcodec_problem as p; m = p(); print('notice: ' + m + \
+		'; videos decode with decord (slower): scripts/install_ffmpeg.sh as root installs FFmpeg' if m else 'video decoder: torchcodec')"
 	rm -f $(VENV)/.installed-* && touch $(STAMP)
 
 quickstart: $(STAMP)
