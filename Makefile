@@ -36,7 +36,10 @@ endef
 venv: $(STAMP)
 
 $(STAMP): pyproject.toml $(LOCK)
+	if [ "$$(id -u)" = 0 ]; then bash scripts/install_ffmpeg.sh; fi
 	$(call build_venv,$(VENV),$(LOCK))
+	@$(PY) -c "from videoflash.model.video_io import torchcodec_problem as p; m = p(); print('notice: ' + m + \
+		'; videos decode with decord (slower): scripts/install_ffmpeg.sh as root installs FFmpeg' if m else 'video decoder: torchcodec')"
 	rm -f $(VENV)/.installed-* && touch $(STAMP)
 
 eval-venv: $(EVAL_STAMP)

@@ -35,7 +35,8 @@ included; ``--probe full``: every frame) in ``--workers`` supervised child proce
 (:mod:`videoflash.data.isolation`), with a progress bar. A file that kills its probe process (a
 segfault or abort inside the decoder) is rejected as ``decoder_crash`` naming the signal, one whose
 probe runs past ``--probe-timeout`` seconds as ``decoder_timeout``; the process is replaced and the
-job goes on. Shards are planned from the annotation order and file sizes before any probing, written
+job goes on. ``--video-backend`` names the decoder that probes (the loader's ``data.video_backend``;
+default ``auto``: torchcodec when it loads, else decord). Shards are planned from the annotation order and file sizes before any probing, written
 atomically, and each finished shard leaves a small ``.done.json`` beside it: a re-run skips shards
 whose plan is unchanged.
 
@@ -102,6 +103,7 @@ class ShardJob:
     probe: str = "sparse"
     workers: int | None = None
     probe_timeout: float = 600.0
+    video_backend: str = "auto"  # the decoder that probes videos (videoflash.model.video_io.BACKENDS)
     progress: bool = True
     part: tuple[int, int] = (0, 1)  # (I, N): build only the shards i with i % N == I
 
@@ -240,7 +242,8 @@ def _plan_hash(items: list[_Item], job: ShardJob) -> str:
 
 def _probe(args) -> dict:
     """Load and probe one item's media; returns the sample (or the reject) as plain data."""
-    item, probe_full, frames_fps = args
+    item, probe_full, frames_fps, *rest = args
+    backend = rest[0] if rest else "auto"
     rec = dict(item.record)
     out = {"key": item.key, "files": []}
     try:
@@ -258,7 +261,7 @@ def _probe(args) -> dict:
                     data = f.read()
             if not data:
                 raise MediaError("empty_file", f"zero-length media: {path}")
-            meta = probe_video(data, full=probe_full)
+            meta = probe_video(data, full=probe_full, backend=backend)
             if rec.get("start") is not None or rec.get("end") is not None:
                 try:
                     span_to_frames(meta["num_frames"], meta["fps"], rec.get("start"), rec.get("end"))
@@ -382,7 +385,7 @@ def build_shard_set(job: ShardJob, source: str | None = None) -> dict:
     _add_missing_offsets(job, [i for i, _, _, d in mine if d is not None])
     n_skip = sum(len(items) for _, items, _, d in mine if d is not None)
     workers = job.workers if job.workers is not None else min(8, os.cpu_count() or 1)
-    todo = [(it, job.probe == "full", job.frames_fps) for _, items, _ in pending for it in items]
+    todo = [(it, job.probe == "full", job.frames_fps, job.video_backend) for _, items, _ in pending for it in items]
     bar = tqdm(
         total=len(todo) + n_skip, initial=n_skip, desc=f"shards {job.prefix}", unit="sample", disable=not job.progress
     )
@@ -558,6 +561,9 @@ def main(argv=None) -> int:
     how.add_argument("--merge", action="store_true", help="write the index of a set built with --part")
     p.add_argument("--probe-timeout", type=float, default=600.0,
                    help="seconds one sample's probe may take; a slower one is rejected (decoder_timeout)")  # fmt: skip
+    p.add_argument("--video-backend", choices=["auto", "torchcodec", "decord", "pyav"], default="auto",
+                   help="the decoder that probes videos (use the loader's data.video_backend; auto: torchcodec "
+                        "when it loads, else decord)")  # fmt: skip
     a = p.parse_args(argv)
     t0 = time.time()
     part = (0, 1)
@@ -570,7 +576,7 @@ def main(argv=None) -> int:
     common = dict(
         shard_bytes=parse_size(a.shard_size), max_samples=a.max_samples_per_shard, probe=a.probe, workers=a.workers,
         part=part,
-        probe_timeout=a.probe_timeout,
+        probe_timeout=a.probe_timeout, video_backend=a.video_backend,
     )  # fmt: skip
     if a.mix:
         sources = build_mix(a.mix, a.out, merge=a.merge, **common)

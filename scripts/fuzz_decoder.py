@@ -1,11 +1,12 @@
 """Find video files that crash or hang the native decoder, by flipping bytes of a real small mp4.
 
-    python scripts/fuzz_decoder.py --out /tmp/crashers [--tries 2000] [--flips 8] [--timeout 5]
+    python scripts/fuzz_decoder.py --out /tmp/crashers [--tries 2000] [--flips 8] [--timeout 5] [--backend decord]
 
 The seed is a small real H.264 mp4 written with PyAV (``--seed-file`` takes another). Each candidate
 is the seed with ``--flips`` random bytes replaced (seeded by ``--seed`` and the try number, so a run
 can be repeated). A forked child decodes it the way the data room does
-(``videoflash.data.decode.VideoDecoder``, then ``frames`` spread over the video and its last frame,
+(``videoflash.data.decode.VideoDecoder`` with ``--backend``, decord by default: the kept crashers of
+tests/data are decord's; then ``frames`` spread over the video and its last frame,
 as make_shards' probe and the loader do); Python exceptions are the normal outcome of a damaged file
 and count as "rejected". A child that dies by a signal (SIGSEGV, SIGABRT, SIGFPE, SIGBUS ...) or runs
 past ``--timeout`` is a finding: its bytes are written to ``--out`` as
@@ -43,13 +44,13 @@ def seed_video() -> bytes:
     return encode_mp4(frames, 8.0, crf=30, gop=8)
 
 
-def decode_like_the_data_room(data: bytes, stage) -> None:
+def decode_like_the_data_room(data: bytes, stage, backend: str = "decord") -> None:
     """What make_shards' probe and the loader run on a video's bytes; ``stage(name)`` is called before
     each step, so that a crash can be told apart by where it happened (``open`` or ``frames``)."""
     from videoflash.data.decode import VideoDecoder
 
     stage("open")
-    dec = VideoDecoder(data, size=32)
+    dec = VideoDecoder(data, size=32, backend=backend)
     stage("frames")
     dec.frames(range(0, dec.num_frames, max(1, dec.num_frames // 8)))
     dec.frames([dec.num_frames - 1])
@@ -62,7 +63,7 @@ def mutate(seed: bytes, rng: random.Random, flips: int, skip: int) -> bytes:
     return bytes(data)
 
 
-def run_one(data: bytes, timeout: float) -> tuple[str, str]:
+def run_one(data: bytes, timeout: float, backend: str = "decord") -> tuple[str, str]:
     """``(outcome, stage)`` of decoding ``data`` in a forked child: outcome ``ok`` | ``rejected`` |
     ``hang`` | a signal name; stage the last step the child began (``open`` | ``frames``)."""
     r, w = os.pipe()
@@ -74,7 +75,7 @@ def run_one(data: bytes, timeout: float) -> tuple[str, str]:
             devnull = os.open(os.devnull, os.O_WRONLY)
             os.dup2(devnull, 2)  # ffmpeg's complaints about the damage
             faulthandler.disable()  # a crash is the expected outcome here, not worth a traceback
-            decode_like_the_data_room(data, lambda name: os.write(w, name.encode() + b"\n"))
+            decode_like_the_data_room(data, lambda name: os.write(w, name.encode() + b"\n"), backend)
         except Exception:
             code = 3
         os._exit(code)
@@ -109,6 +110,7 @@ def main(argv=None) -> int:
     p.add_argument("--timeout", type=float, default=5.0, help="seconds before a child counts as hung")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--keep", type=int, default=20, help="stop after this many findings")
+    p.add_argument("--backend", choices=["decord", "torchcodec", "pyav"], default="decord", help="the decoder fuzzed")
     a = p.parse_args(argv)
     if a.seed_file:
         with open(a.seed_file, "rb") as f:
@@ -118,7 +120,9 @@ def main(argv=None) -> int:
     import decord  # noqa: F401  (imported once here, so that every forked child starts warm)
 
     from videoflash.data.decode import decodable_width
+    from videoflash.model.video_io import resolve_backend
 
+    resolve_backend(a.backend)  # fails here if it cannot load; warms torchcodec's check
     decodable_width(32)  # warm the width check's cache in the parent as well
     os.makedirs(a.out, exist_ok=True)
     counts: dict[str, int] = {}
@@ -126,7 +130,7 @@ def main(argv=None) -> int:
     t0 = time.time()
     for t in range(a.tries):
         data = mutate(seed, random.Random(f"{a.seed}:{t}"), a.flips, a.skip)
-        got, stage = run_one(data, a.timeout)
+        got, stage = run_one(data, a.timeout, a.backend)
         counts[got] = counts.get(got, 0) + 1
         if got not in ("ok", "rejected"):
             path = os.path.join(a.out, f"{got.lower()}-{stage}-{t}.mp4")

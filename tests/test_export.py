@@ -341,7 +341,8 @@ def test_export_answers_about_an_mp4_in_a_clean_environment(clean_python, export
     # the in-repo model on inputs built by hand: frames by the data room's decoder at the hand-worked
     # indices of dynamic_fps1 (15 s -> 12 frames, midpoints 2, 7, ..., 57), the prompt written out
     model = VideoFlashForConditionalGeneration.from_pretrained(run_dir / "stage3" / "export").eval()
-    frames = VideoDecoder(video.read_bytes(), size=64).frames([5 * k + 2 for k in range(12)])
+    # (the clean environment has no torchcodec: its processor's "auto" decodes with decord)
+    frames = VideoDecoder(video.read_bytes(), size=64, backend="decord").frames([5 * k + 2 for k in range(12)])
     prompt = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n<image>\n"
               "The video lasts for 15.00 seconds, and 12 frames are uniformly sampled from it. "
               f"{question}<|im_end|>\n<|im_start|>assistant\n")

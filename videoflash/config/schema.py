@@ -144,6 +144,9 @@ class DataSchema:
     # native decoder costs one sample (docs/data.md, "Decoder isolation"); "inline" opts out
     decode_isolation: str = "subprocess"
     decode_timeout_s: float = 120.0
+    # the video decoder: auto (torchcodec when it loads its FFmpeg libraries, else decord) |
+    # torchcodec | decord | pyav; all pick the same frames (docs/data.md, "Decoding")
+    video_backend: str = "auto"
     synthetic: Optional[SynthSchema] = None
 
 

@@ -161,6 +161,9 @@ def validate(cfg: DictConfig) -> VideoFlashSchema:
                               "samples, so epochs do not give a step count: set the stage's optimizer steps")
     _choice("data.decode_isolation", d.decode_isolation, ("subprocess", "inline"))
     _positive("data.decode_timeout_s", d.decode_timeout_s)
+    # the names of videoflash.model.video_io.BACKENDS (whether torchcodec loads is checked when the
+    # loader is built: LoaderConfig.video_backend)
+    _choice("data.video_backend", d.video_backend, ("auto", "torchcodec", "decord", "pyav"))
 
     # -- engine ----------------------------------------------------------------------------------
     ds = c.deepspeed

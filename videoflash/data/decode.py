@@ -1,8 +1,12 @@
-"""Decoding media bytes to uint8 tensors, straight at the target size.
+"""Decoding media bytes to uint8 tensors at the target size.
 
-Videos: decord reads the mp4 bytes from memory and its ffmpeg filter graph scales every decoded frame
-to ``size x size`` (a square, no crop, no pad), so a frame never exists at full size in RGB; only the
-requested frames are converted. Images: Pillow decodes once; the data room then makes the square tile
+Videos (``backend``, :mod:`videoflash.model.video_io`, shared with the processor): torchcodec
+decodes the requested frames at full size from the bytes in memory, 16 at a time, and torch's uint8
+bicubic antialias kernel resizes each chunk to ``size x size`` (a square, no crop, no pad); where
+torchcodec cannot load (``auto``) or when asked, decord reads the bytes and its ffmpeg filter graph
+scales every decoded frame while decoding; ``pyav`` decodes in order. Only the requested frames are
+converted to RGB; the frame count and rate come from the container, so every backend is given the
+same indices. Images: Pillow decodes once; the data room then makes the square tile
 or the anyres thumbnail + grid tiles with :mod:`videoflash.model.anyres` (the same geometry as the
 model's). Everything leaves this module as uint8 ``[N, H, W, 3]``; normalisation happens on the device.
 
@@ -123,13 +127,22 @@ class VideoDecoder:
     """A video held in memory, decoded at ``size x size`` (or ``(height, width)``, or the native size
     when ``size`` is None).
 
+    ``backend`` (:data:`videoflash.model.video_io.BACKENDS`): ``auto`` (torchcodec when it loads,
+    else decord), ``torchcodec`` / ``pyav`` (full-size frames, resized a chunk at a time with the
+    uint8 bicubic of :func:`~videoflash.model.video_io.resize_uint8`) or ``decord`` (scaled in its
+    filter graph while decoding). The frame count and rate come from the container, so a frame policy
+    picks the same indices whichever backend decodes.
+
     Raises :class:`MediaError` (reason ``bad_video`` / ``empty_media``) when the bytes cannot be opened.
     """
 
-    def __init__(self, data: bytes, size: int | tuple[int, int] | None = None, num_threads: int = 1):
-        decord = _decord()
+    def __init__(self, data: bytes, size: int | tuple[int, int] | None = None, num_threads: int = 1,
+                 backend: str = "auto"):  # fmt: skip
+        from ..model.video_io import open_reader, resolve_backend
+
         if not data:
             raise MediaError("empty_media", "the video has zero bytes")
+        self.backend = resolve_backend(backend)
         if size is None:
             self.out_hw = native_size(data)
         elif isinstance(size, int):
@@ -137,6 +150,17 @@ class VideoDecoder:
         else:
             self.out_hw = (int(size[0]), int(size[1]))
         self.size = size
+        self._vr = self._reader = None
+        if self.backend != "decord":
+            try:
+                self._reader = open_reader(data, self.backend, num_threads)
+            except Exception as exn:
+                raise MediaError("bad_video", f"cannot open the video: {_decord_message(exn)}") from exn
+            self.num_frames, self.fps = self._reader.num_frames, self._reader.fps
+            if self.num_frames < 1 or not self.fps > 0:
+                raise MediaError("bad_video", f"the video reports {self.num_frames} frames at {self.fps} fps")
+            return
+        decord = _decord()
         self._decode_w = _safe_width(self.out_hw[1])
         kw = {"width": self._decode_w, "height": self.out_hw[0]}
         if size is None and self._decode_w == self.out_hw[1]:
@@ -154,14 +178,7 @@ class VideoDecoder:
     def duration(self) -> float:
         return self.num_frames / self.fps
 
-    def frames(self, indices) -> torch.Tensor:
-        """Decode the frames at ``indices`` (repeats allowed) -> uint8 ``[N, S, S, 3]``."""
-        indices = [int(i) for i in indices]
-        if not indices:
-            raise ValueError("no frame indices")
-        if min(indices) < 0 or max(indices) >= self.num_frames:
-            raise MediaError("bad_video", f"frame index out of range for a {self.num_frames}-frame video")
-        uniq = sorted(set(indices))
+    def _read_decord(self, uniq: list[int]) -> torch.Tensor:
         try:
             # DLPack hands decord's buffer to torch without a copy
             got = torch.utils.dlpack.from_dlpack(self._vr.get_batch(uniq).to_dlpack())
@@ -176,6 +193,26 @@ class VideoDecoder:
             from ..model.anyres import resize_frames
 
             got = resize_frames(got, *self.out_hw)
+        return got
+
+    def frames(self, indices) -> torch.Tensor:
+        """Decode the frames at ``indices`` (repeats allowed) -> uint8 ``[N, S, S, 3]``."""
+        indices = [int(i) for i in indices]
+        if not indices:
+            raise ValueError("no frame indices")
+        if min(indices) < 0 or max(indices) >= self.num_frames:
+            raise MediaError("bad_video", f"frame index out of range for a {self.num_frames}-frame video")
+        uniq = sorted(set(indices))
+        if self._reader is None:
+            got = self._read_decord(uniq)
+        else:
+            h, w = self.out_hw
+            try:
+                got = self._reader.read_resized(uniq, h, w)
+            except Exception as exn:
+                raise MediaError("bad_video", f"cannot decode frames: {_decord_message(exn)}") from exn
+            if got.shape[0] != len(uniq) or tuple(got.shape[1:3]) != self.out_hw:
+                raise MediaError("bad_video", f"the decoder returned {tuple(got.shape)} for {len(uniq)} frames")
         if uniq != indices:  # repeats (padding) or unsorted input
             pos = {f: k for k, f in enumerate(uniq)}
             got = got[[pos[i] for i in indices]]
@@ -219,17 +256,18 @@ def image_tiles(
     return tiles, (0, 0)
 
 
-def probe_video(data: bytes, full: bool = False, sample_frames: int = 16) -> dict:
+def probe_video(data: bytes, full: bool = False, sample_frames: int = 16, backend: str = "auto") -> dict:
     """Open and decode a video to check it and read its metadata.
 
     ``full=False`` decodes ``sample_frames`` evenly spaced frames including the last one (a truncated
     file fails there); ``full=True`` decodes every frame. Returns ``num_frames``, ``fps``, ``duration``,
-    ``width``, ``height``. Raises :class:`MediaError`.
+    ``width``, ``height``. ``backend``: the decoder that checks the frames (the loader's, so that
+    a file the loader's decoder cannot read is rejected here). Raises :class:`MediaError`.
     """
     if not data:
         raise MediaError("empty_media", "the video has zero bytes")
     height, width = native_size(data)
-    dec = VideoDecoder(data, size=64)  # decoding small is enough to prove the frames decode
+    dec = VideoDecoder(data, size=64, backend=backend)  # decoding small is enough to prove the frames decode
     n = dec.num_frames
     if full:
         for lo in range(0, n, 64):

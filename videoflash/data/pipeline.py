@@ -17,11 +17,12 @@ index (``{prefix}-index.json``):
 3. **Shuffle** within a window of ``ceil(shuffle_buffer / unit_samples)`` units of the stream, by a
    permutation seeded by the window's unit ids (``shuffle_buffer=1``: no shuffle). Samples are read
    when their turn comes, so the window costs no memory.
-4. **Decode in the worker**: frame indices from the stage's policy, decord at the target size, images,
+4. **Decode in the worker**: frame indices from the stage's policy, frames at the target size
+   (``video_backend``: torchcodec full-size + uint8 bicubic when it loads, else decord), images,
    the conversation with the placeholder and time message, labels. A sample that fails anywhere is
    logged (rate-limited), counted per reason and per shard, and skipped. Videos are decoded in a
-   child process of the stream (:mod:`.isolation`, ``decode_isolation="subprocess"``): a file that
-   crashes decord (segfault, abort) or hangs past ``decode_timeout_s`` is skipped as
+   child process of the stream (:mod:`.isolation`, ``decode_isolation="subprocess"``), whichever the
+   backend: a file that crashes the native decoder (segfault, abort) or hangs past ``decode_timeout_s`` is skipped as
    ``decoder_crash`` / ``decoder_timeout`` and the child is replaced.
 5. **Batches under a token budget**: samples are taken in stream order while
    ``batch_size * longest_sample <= max_tokens_per_batch`` (a sample's length counts its visual tokens,
@@ -143,7 +144,9 @@ class LoaderConfig:
         log_every: log the first bad sample of each reason, then every ``log_every``-th.
         max_consecutive_errors: a stream that meets this many bad samples in a row stops with an error.
     Decoding:
-        decode_threads: decord's threads per video.
+        decode_threads: the decoder's threads per video.
+        video_backend: ``auto`` (torchcodec when it loads, else decord), ``torchcodec``, ``decord`` or
+            ``pyav`` (:mod:`videoflash.model.video_io`); every backend picks the same frame indices.
         decode_isolation: ``subprocess`` (default): each stream decodes its videos in one child
             process, so that a native crash or a hang costs one sample (``decoder_crash``,
             ``decoder_timeout``) instead of the run; ``inline``: in the stream's own process.
@@ -176,6 +179,7 @@ class LoaderConfig:
     prefetch_factor: int = 2
     pin_memory: bool = False
     decode_threads: int = 1
+    video_backend: str = "auto"
     log_every: int = 100
     max_consecutive_errors: int = 1000
     decode_isolation: str = "subprocess"
@@ -209,6 +213,14 @@ class LoaderConfig:
             raise ValueError(
                 f"LoaderConfig.decode_isolation must be 'subprocess' or 'inline', got {self.decode_isolation!r}"
             )
+        from ..model.video_io import BACKENDS, resolve_backend
+
+        if self.video_backend not in BACKENDS:
+            raise ValueError(f"LoaderConfig.video_backend must be one of {BACKENDS}, got {self.video_backend!r}")
+        try:
+            resolve_backend(self.video_backend)
+        except ValueError as exn:
+            raise ValueError(f"LoaderConfig.video_backend: {exn}") from None
         if not float(self.decode_timeout_s) > 0:
             raise ValueError(f"LoaderConfig.decode_timeout_s must be > 0, got {self.decode_timeout_s!r}")
         if self.pack_tokens is not None and int(self.pack_tokens) < 1:
@@ -411,7 +423,7 @@ def _merge_counts(dst: dict, snap: dict) -> dict:
 def _decode_video(data: bytes, cfg: LoaderConfig, start, end):
     """The frames a sample's video gives under the stage's policy, and the seconds they span:
     ``(uint8 [N, S, S, 3] array, seconds)``. Raises :class:`MediaError`."""
-    dec = VideoDecoder(data, size=cfg.image_size, num_threads=cfg.decode_threads)
+    dec = VideoDecoder(data, size=cfg.image_size, num_threads=cfg.decode_threads, backend=cfg.video_backend)
     try:
         first, stop = span_to_frames(dec.num_frames, dec.fps, start, end)
         idx = frame_indices(dec.num_frames, dec.fps, cfg.frame_policy, cfg.min_frames, cfg.max_frames,
@@ -427,7 +439,10 @@ def _video_decoder(cfg: LoaderConfig, g: int) -> Isolated | None:
     ``decode_isolation`` is ``inline``."""
     if cfg.decode_isolation == "inline":
         return None
-    return Isolated(_decode_video, timeout=float(cfg.decode_timeout_s), name=f"decode process of stream {g}")
+    # the largest video result (max_frames frames at the target size) travels through shared memory
+    frame_bytes = int(cfg.max_frames) * int(cfg.image_size) ** 2 * 3
+    return Isolated(_decode_video, timeout=float(cfg.decode_timeout_s), name=f"decode process of stream {g}",
+                    shared_bytes=frame_bytes)  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------------

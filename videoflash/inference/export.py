@@ -50,7 +50,9 @@ AUTO_MAP = {
     "AutoProcessor": "processing_videoflash.VideoFlashProcessor",
 }
 #: what the model package may import (absolute imports); everything else must be a sibling
-ALLOWED_IMPORTS = {"torch", "transformers", "timm", "numpy", "decord", "PIL", "flash_attn", "__future__"}
+#: (decord, torchcodec, av, PIL, flash_attn, liger_kernel: imported inside ``try`` when first needed)
+ALLOWED_IMPORTS = {"torch", "transformers", "timm", "numpy", "decord", "torchcodec", "av", "PIL", "flash_attn",
+                   "liger_kernel", "__future__"}  # fmt: skip
 #: used when the run directory does not record the stage's frame policy (stages 3-4 of VideoChat-Flash;
 #: the published inference setting samples at most 512 frames)
 DEFAULT_POLICY = {"frame_policy": "dynamic_fps1", "min_frames": 64, "max_frames": 512}

@@ -6,8 +6,10 @@ with, so that an exported checkpoint samples, sizes and prompts exactly as train
 - **frames**: the policy of :mod:`frame_sampling` (``dynamic_fps1``: about 1 fps, a multiple of
   4, clamped to ``[min_frames, max_frames]``; ``middle``; ``fps:<rate>``), indices picked by
   "middle" uniform sampling, optionally within a ``start``/``end`` span;
-- **decoding**: decord opens the file (a path or the bytes) and its filter graph scales each frame
-  straight to ``image_size x image_size`` (a square: no crop, no pad); frames leave as uint8
+- **decoding** (``video_backend``, :mod:`video_io`): torchcodec decodes full-size frames and torch's
+  uint8 bicubic resizes them to ``image_size x image_size`` (a square: no crop, no pad), or, where
+  torchcodec cannot load (``auto``) or when asked (``decord``), decord's filter graph scales each
+  frame while decoding; the data room decodes training samples the same way. Frames leave as uint8
   ``[N, S, S, 3]``. Normalisation (``image_mean``/``image_std``, recorded here and in the model
   config) happens on the model's device;
 - **prompt**: VideoChat-Flash's layout (reference videochat_flash.md §3.4): the first user turn is
@@ -57,6 +59,7 @@ from transformers.processing_utils import ProcessorMixin
 
 from .anyres import resize_frames, resize_square, select_best_grid, tile_image
 from .frame_sampling import frame_count, frame_indices, middle_indices, parse_policy
+from .video_io import BACKENDS, open_reader, resize_uint8, resolve_backend
 
 __all__ = [
     "VideoFlashProcessor",
@@ -164,13 +167,18 @@ class VideoSource:
     decord 3.4 fail (e.g. 32, 48, 96, 144 px); the source then decodes at the next multiple of 64 and
     resizes the frames it keeps with the bicubic resize of :mod:`anyres` (the data room does the same).
     ``exact=True`` decodes at the file's own size and resizes with that bicubic (the release's path).
+    ``backend`` (:data:`video_io.BACKENDS`): with ``torchcodec`` or ``pyav`` (``auto`` picks
+    torchcodec when it loads) the file is decoded at full size, 16 frames at a time, and resized with
+    the uint8 bicubic of :func:`video_io.resize_uint8` (``exact``: the float one of :mod:`anyres`).
     """
 
-    def __init__(self, video, size: int, fps: float | None = None, num_threads: int = 1, exact: bool = False):
+    def __init__(self, video, size: int, fps: float | None = None, num_threads: int = 1, exact: bool = False,
+                 backend: str = "auto"):  # fmt: skip
         self.size = int(size)
         self.exact = bool(exact)
+        self.backend = backend
         self._frames = None
-        self._reader = None
+        self._reader = self._full = None
         self._data = None
         self._num_threads = int(num_threads)
         if isinstance(video, (np.ndarray, torch.Tensor)):
@@ -196,12 +204,21 @@ class VideoSource:
             self.name = path
         else:
             raise TypeError(f"a video is a path, bytes or uint8 frames [N, H, W, 3]; got {type(video).__name__}")
-        self._decode_width = None if self.exact else self.size
-        self._open(self._decode_width)
-        self.num_frames = len(self._reader)
-        self.fps = float(fps) if fps else float(self._reader.get_avg_fps())
+        self.backend = resolve_backend(backend)
+        self._full = None
+        if self.backend != "decord":
+            try:
+                self._full = open_reader(self._data, self.backend, self._num_threads)
+            except Exception as exn:  # noqa: BLE001 - each library raises its own errors
+                raise ValueError(f"cannot open the video {self.name}: {str(exn).splitlines()[0][:200] if str(exn) else exn!r}") from exn
+            self.num_frames, native_fps = self._full.num_frames, self._full.fps
+        else:
+            self._decode_width = None if self.exact else self.size
+            self._open(self._decode_width)
+            self.num_frames, native_fps = len(self._reader), float(self._reader.get_avg_fps())
+        self.fps = float(fps) if fps else float(native_fps)
         if self.num_frames < 1 or not self.fps > 0:
-            raise ValueError(f"{self.name}: decord reports {self.num_frames} frames at {self.fps} fps")
+            raise ValueError(f"{self.name}: {self.backend} reports {self.num_frames} frames at {self.fps} fps")
 
     def _open(self, width: int | None) -> None:
         """Open the reader scaling to ``width x size`` while decoding, or at full size (``None``)."""
@@ -252,6 +269,13 @@ class VideoSource:
         if self._frames is not None:
             return resize_square(self._frames[indices], self.size).contiguous()
         uniq = sorted(set(indices))
+        pos = {f: k for k, f in enumerate(uniq)}
+        if self._full is not None:
+            try:
+                got = self._full.read_resized(uniq, self.size, self.size, resize_frames if self.exact else resize_uint8)
+            except Exception as exn:  # noqa: BLE001
+                raise ValueError(f"cannot decode frames of {self.name}: {exn}") from exn
+            return got[[pos[i] for i in indices]].contiguous()
         # full-size frames (exact) are resized a few at a time, so that 512 frames of 1080p never
         # exist decoded at once
         step = _EXACT_CHUNK if self._decode_width is None else len(uniq)
@@ -262,11 +286,11 @@ class VideoSource:
                 got = resize_frames(got, self.size, self.size)
             parts.append(got)
         got = torch.cat(parts) if len(parts) > 1 else parts[0]
-        pos = {f: k for k, f in enumerate(uniq)}
         return got[[pos[i] for i in indices]].contiguous()
 
     def close(self) -> None:
         self._reader = None
+        self._full = None
         self._frames = None
 
 
@@ -293,9 +317,12 @@ class VideoFlashProcessor(ProcessorMixin):
         image_token: the placeholder string.
         add_time_message: put the duration/frame-count sentence after the placeholder (as training).
         system_prompt: a system turn to prepend (default: none, i.e. the template's default).
-        decode_threads: decord threads per video.
+        decode_threads: the decoder's threads per video.
+        video_backend: ``"auto"`` (torchcodec when it loads, else decord), ``"torchcodec"``, ``"decord"``
+            or ``"pyav"`` (:mod:`video_io`); the data room's ``data.video_backend`` decodes alike.
         frame_rules: ``"videoflash"`` or ``"videochat_flash"`` (the release's span and min/max rules).
-        resize: ``"decode"`` (decord scales while decoding) or ``"exact"`` (full-size decode + bicubic).
+        resize: ``"decode"`` (decord scales while decoding; torchcodec/pyav: uint8 bicubic) or
+            ``"exact"`` (full-size decode + the float bicubic of :mod:`anyres`).
         multi_image: ``"squash"`` or ``"pad"`` (several images padded to a square with the mean colour).
         grid_pinpoints: ``[[width, height], ...]`` canvases in pixels for ``anyres`` (None: the
             ``1..max_grid`` square of grids).
@@ -320,6 +347,7 @@ class VideoFlashProcessor(ProcessorMixin):
         add_time_message: bool = True,
         system_prompt: str | None = None,
         decode_threads: int = 1,
+        video_backend: str = "auto",
         frame_rules: str = "videoflash",
         resize: str = "decode",
         multi_image: str = "squash",
@@ -349,6 +377,9 @@ class VideoFlashProcessor(ProcessorMixin):
         self.add_time_message = bool(add_time_message)
         self.system_prompt = system_prompt
         self.decode_threads = int(decode_threads)
+        if video_backend not in BACKENDS:
+            raise ValueError(f"video_backend must be one of {BACKENDS}, got {video_backend!r}")
+        self.video_backend = str(video_backend)
         for name, value, choices in (("frame_rules", frame_rules, FRAME_RULES), ("resize", resize, RESIZES),
                                      ("multi_image", multi_image, MULTI_IMAGE)):
             if value not in choices:
@@ -412,7 +443,7 @@ class VideoFlashProcessor(ProcessorMixin):
         if isinstance(video, VideoSource):
             return video
         return VideoSource(video, self.image_size, fps=fps, num_threads=self.decode_threads,
-                           exact=self.resize == "exact")
+                           exact=self.resize == "exact", backend=self.video_backend)
 
     def sample(self, source: VideoSource, max_frames: int | None = None, min_frames: int | None = None,
                start: float | None = None, end: float | None = None, frame_policy: str | None = None) -> VideoMeta:

@@ -89,6 +89,7 @@ def loader_config(cfg: VideoFlashSchema, model_config, world_size: int):
         shuffle_buffer=data.shuffle_buffer,
         decode_isolation=data.decode_isolation,
         decode_timeout_s=data.decode_timeout_s,
+        video_backend=data.video_backend,
         pack_tokens=data.pack_tokens or None,
         pack_rows=stage.micro_batch_size,
     ), samples
