@@ -18,8 +18,8 @@ runs in a child process that the caller supervises:
   such as a sample's mp4, go inside the pickle). With ``shared_bytes``, a result's out-of-band
   buffers that fit go through an anonymous shared mapping made before each fork instead: the child
   copies them there, the pipe carries only the pickle, and the caller copies them out when the
-  message is whole (77 MB of frames: about a quarter of the pipe's time, since the pipe costs a
-  system call and a context switch per MB on a busy machine). A child that dies half-way through
+  message is whole (77 MB of frames: about 31 ms over making them, against about 54 ms through the
+  pipe, which costs a system call and a context switch per MB). A child that dies half-way through
   leaves its area unread; its replacement gets a new one.
 - The caller waits for a result up to a timeout. The child's death shows as the end of its result
   pipe (or a broken request pipe); the caller then reaps it and reads the signal. A crash raises
