@@ -165,6 +165,8 @@ def test_zero3_training_with_sequence_parallel_matches_one_rank(tmp_path, tiny_o
         (["train.sequence_parallel=4"], "num_key_value_heads=2"),
         (["train.sequence_parallel=0"], "train.sequence_parallel"),
         (["train.sequence_parallel=2", "model.attn_implementation=eager"], "eager"),
+        (["train.sequence_parallel=2", "data.pack_tokens=4096", "stage=2", "stage.max_steps=10",
+          "stage.max_tokens=4096"], "data.pack_tokens"),
     ],
 )
 def test_settings_it_cannot_run_with_name_the_key(overrides, message):
