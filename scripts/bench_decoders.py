@@ -29,7 +29,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_loader import MAX_FRAMES, MIN_FRAMES, prepare  # noqa: E402
+from bench_loader import MAX_FRAMES, MIN_FRAMES, corpus_arguments, decode_sampled, prepare  # noqa: E402
 from videoflash.data.decode import VideoDecoder  # noqa: E402
 from videoflash.data.sampling import frame_indices  # noqa: E402
 from videoflash.model.video_io import torchcodec_problem  # noqa: E402
@@ -39,11 +39,7 @@ BACKENDS = ("decord", "torchcodec", "pyav")
 
 def decode_all(datas: list[bytes], size, backend: str) -> tuple[float, int]:
     t0 = time.perf_counter()
-    n = 0
-    for data in datas:
-        dec = VideoDecoder(data, size=size, backend=backend)
-        idx = frame_indices(dec.num_frames, dec.fps, "dynamic_fps1", MIN_FRAMES, MAX_FRAMES)
-        n += int(dec.frames(idx).shape[0])
+    n = sum(decode_sampled(data, size, backend) for data in datas)
     return time.perf_counter() - t0, n
 
 
@@ -69,12 +65,7 @@ def check_same_frames(data: bytes, size: int, backends) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--workdir", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "videoflash_bench"))
-    p.add_argument("--num-videos", type=int, default=8)
-    p.add_argument("--resolution", default="640x360", help="WxH of the synthetic videos")
-    p.add_argument("--fps", type=float, default=2.0, help="frame rate of the synthetic videos")
-    p.add_argument("--workers", type=int, default=2, help="processes that build the corpus (not timed)")
-    p.add_argument("--image-size", type=int, default=224)
+    corpus_arguments(p)  # here --workers only builds the corpus (not timed)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--backends", default=",".join(BACKENDS), help="comma-separated, decord first")
     p.add_argument("--full-size", action="store_true", help="also time each backend at the source size")

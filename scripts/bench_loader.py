@@ -75,6 +75,24 @@ class ReferenceVideos(torch.utils.data.Dataset):
         return {"pixel_values": torch.from_numpy(out), "key": os.path.basename(self.paths[i])}
 
 
+def decode_sampled(data: bytes, size: int | None, backend: str) -> int:
+    """The loader's decoding of one video's bytes alone: the frames ``dynamic_fps1`` in
+    [MIN_FRAMES, MAX_FRAMES] picks, by ``backend`` at ``size`` (None: full size); the frame count."""
+    dec = VideoDecoder(data, size=size, backend=backend)
+    idx = frame_indices(dec.num_frames, dec.fps, "dynamic_fps1", MIN_FRAMES, MAX_FRAMES)
+    return int(dec.frames(idx).shape[0])
+
+
+def corpus_arguments(p: argparse.ArgumentParser) -> None:
+    """The options :func:`prepare` reads (the cached synthetic corpus), shared with bench_decoders."""
+    p.add_argument("--workdir", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "videoflash_bench"))
+    p.add_argument("--num-videos", type=int, default=8)
+    p.add_argument("--resolution", default="640x360", help="WxH of the synthetic videos")
+    p.add_argument("--fps", type=float, default=2.0, help="frame rate of the synthetic videos")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--image-size", type=int, default=224)
+
+
 class DecodeOnly(torch.utils.data.Dataset):
     """The loader's decoder alone: the frames the loader takes from each file, decoded the same way
     (backend, size, indices); only the frame count comes back."""
@@ -87,10 +105,7 @@ class DecodeOnly(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int):
         with open(self.paths[i], "rb") as f:
-            data = f.read()
-        dec = VideoDecoder(data, size=self.size, backend=self.backend)
-        idx = frame_indices(dec.num_frames, dec.fps, "dynamic_fps1", MIN_FRAMES, MAX_FRAMES)
-        return int(dec.frames(idx).shape[0])
+            return decode_sampled(f.read(), self.size, self.backend)
 
 
 def run_decode_only(paths, args) -> tuple[float, int]:
@@ -177,12 +192,7 @@ def run_shards(pattern, tokenizer, n, args) -> tuple[float, int, list]:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--workdir", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "videoflash_bench"))
-    p.add_argument("--num-videos", type=int, default=8)
-    p.add_argument("--resolution", default="640x360", help="WxH of the synthetic videos")
-    p.add_argument("--fps", type=float, default=2.0, help="frame rate of the synthetic videos")
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--image-size", type=int, default=224)
+    corpus_arguments(p)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--decode-isolation", choices=["subprocess", "inline"], default="subprocess",
                    help="the loader's video decoding: in a child process per stream (default) or inline")  # fmt: skip
