@@ -15,9 +15,11 @@ set -uo pipefail
 libs=(libavcodec libavformat libavutil libswscale libavfilter libavdevice libswresample)
 
 missing() {
-    local l
+    # the linker cache read once (grep -q on a pipe may end it early: with pipefail, a false "missing")
+    local l cache
+    cache=$(ldconfig -p 2>/dev/null)
     for l in "${libs[@]}"; do
-        ldconfig -p 2>/dev/null | grep -q "${l}\.so\.[0-9]" || return 0
+        grep -q "${l}\.so\.[0-9]" <<<"$cache" || return 0
     done
     return 1
 }
@@ -34,17 +36,7 @@ notice() { echo "notice: $1; videos will decode with decord (slower): install FF
 [[ "$(id -u)" == 0 ]] || notice "the FFmpeg libraries are missing and this is not root"
 command -v apt-get >/dev/null 2>&1 || notice "the FFmpeg libraries are missing and there is no apt-get"
 
-export DEBIAN_FRONTEND=noninteractive
-# Several processes (parallel sessions) may get here together: serialize on a lock.
-lockdir=/var/lock
-[[ -d "$lockdir" && -w "$lockdir" ]] || lockdir=/tmp
-exec 9>"$lockdir/videoflash-ffmpeg-install.lock"
-flock -w 900 9
-if missing; then
-    echo "installing FFmpeg's libraries with apt-get (for torchcodec) ..."
-    { apt-get update -qq || apt-get update; } >/dev/null 2>&1
-    apt-get install -y -qq --no-install-recommends ffmpeg >/dev/null 2>&1 \
-        || apt-get install -y --no-install-recommends ffmpeg || notice "apt-get install ffmpeg failed"
-fi
+source "$(dirname "$0")/apt_install.sh"
+apt_install_locked ffmpeg ffmpeg || notice "apt-get install ffmpeg failed"
 missing && notice "the install finished but FFmpeg libraries are still missing"
 echo "FFmpeg libraries installed ($(ldconfig -p | grep -o 'libavcodec\.so\.[0-9]*' | head -1))"

@@ -36,19 +36,9 @@ if ! command -v apt-get >/dev/null 2>&1; then
     exit 2
 fi
 
-export DEBIAN_FRONTEND=noninteractive
-# Several processes (parallel test sessions) may get here together: serialize on a lock.
-lockdir=/var/lock
-[[ -d "$lockdir" && -w "$lockdir" ]] || lockdir=/tmp
-exec 9>"$lockdir/videoflash-slurm-install.lock"
-flock -w 900 9
-if missing; then
-    echo "installing slurm-wlm and munge with apt-get ..."
-    apt-get update -qq || apt-get update
-    apt-get install -y -qq --no-install-recommends slurm-wlm munge >/dev/null \
-        || apt-get install -y --no-install-recommends slurm-wlm munge
-    # The packages may start system daemons (on machines with an init system); the loopback
-    # cluster runs its own private ones, so the system ones are left as the init system set them.
-fi
+source "$(dirname "$0")/../apt_install.sh"
+apt_install_locked slurm slurm-wlm munge
+# The packages may start system daemons (on machines with an init system); the loopback cluster runs
+# its own private ones, so the system ones are left as the init system set them.
 missing && { echo "install_deps.sh: install finished but commands are still missing" >&2; exit 1; }
 echo "slurm-wlm and munge installed ($(PATH="$PATH:/usr/sbin" slurmd -V))"
