@@ -4,13 +4,12 @@ appears exactly once, and a resumed loader yields the same rows."""
 
 from __future__ import annotations
 
-import json
 
 import pytest
 import torch
 
 from tests.data_fixtures import tokenizer  # noqa: F401
-from tests.test_pipeline import _fingerprint, cfg, img, make_set, take, txt, vid
+from tests.test_pipeline import _fingerprint, cfg, img, make_set, resumed_run, take, txt, vid
 from videoflash.data import build_loader
 from videoflash.data.collate import PACKED_BATCH_KEYS, Sample, collate, collate_packed
 
@@ -118,22 +117,7 @@ def test_packed_resume_yields_the_same_rows(mix, tokenizer):  # noqa: F811
     reference = [_packed_fingerprint(b) for _ in range(2) for b in ref_loader]  # two epochs
     assert len(reference) == 12
     for cut in (1, 4, 7):
-        first = build_loader(config(), tokenizer)
-        got = []
-        while len(got) < cut:
-            for b in first:
-                got.append(_packed_fingerprint(b))
-                if len(got) == cut:
-                    break
-        state = json.loads(json.dumps(first.state_dict()))
-        del first
-        second = build_loader(config(), tokenizer)
-        second.load_state_dict(state)
-        while len(got) < len(reference):
-            for b in second:
-                got.append(_packed_fingerprint(b))
-                if len(got) == len(reference):
-                    break
+        got, _ = resumed_run(config, tokenizer, _packed_fingerprint, len(reference), cut)
         assert got == reference, f"resumed after {cut} batches"
 
 

@@ -354,6 +354,28 @@ def _fingerprint(b):
     )
 
 
+def resumed_run(config, tokenizer, fingerprint, total: int, cut: int):
+    """``total`` batch fingerprints of a loader stopped after ``cut`` batches, its state saved
+    (through JSON, as a checkpoint would) and loaded by a new loader that reads on; and that loader."""
+    first = build_loader(config(), tokenizer)
+    got = []
+    while len(got) < cut:
+        for b in first:
+            got.append(fingerprint(b))
+            if len(got) == cut:
+                break
+    state = json.loads(json.dumps(first.state_dict()))
+    del first
+    second = build_loader(config(), tokenizer)
+    second.load_state_dict(state)
+    while len(got) < total:
+        for b in second:
+            got.append(fingerprint(b))
+            if len(got) == total:
+                break
+    return got, second
+
+
 def test_resume_equivalence(resume_set, tokenizer):
     def config():
         return cfg(resume_set, batches_per_epoch=5, num_workers=2, shuffle_buffer=3, max_tokens_per_batch=120)
@@ -366,22 +388,7 @@ def test_resume_equivalence(resume_set, tokenizer):
     ref_skips = ref_loader.skip_counts()
     assert ref_skips["by_reason"].get("bad_video", 0) > 0 and ref_skips["by_reason"].get("missing_in_tar", 0) > 0
     for cut in (1, 3, 6, 7, 11):
-        first = build_loader(config(), tokenizer)
-        got = []
-        while len(got) < cut:
-            for b in first:
-                got.append(_fingerprint(b))
-                if len(got) == cut:
-                    break
-        state = json.loads(json.dumps(first.state_dict()))  # through JSON, as a checkpoint would
-        del first
-        second = build_loader(config(), tokenizer)
-        second.load_state_dict(state)
-        while len(got) < len(reference):
-            for b in second:
-                got.append(_fingerprint(b))
-                if len(got) == len(reference):
-                    break
+        got, second = resumed_run(config, tokenizer, _fingerprint, len(reference), cut)
         assert got == reference, f"resumed after {cut} batches"
         assert second.skip_counts() == ref_skips
 
