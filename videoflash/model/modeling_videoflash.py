@@ -205,7 +205,7 @@ class VideoFlashForConditionalGeneration(VideoFlashPreTrainedModel, GenerationMi
         local = sp.split(shifted, 1)
         keep = local != IGNORE_INDEX
         mean = self.lm_loss(hidden[keep], self.get_output_embeddings(), local[keep],
-                            getattr(self.config, "loss_chunk_size", 4096))
+                            self.config.loss_chunk_size)
         count = keep.sum().to(mean.dtype)
         return sp.reduce_sum(mean * count) / sp.reduce_sum(count)
 
@@ -256,7 +256,7 @@ class VideoFlashForConditionalGeneration(VideoFlashPreTrainedModel, GenerationMi
         t = self.config.frames_per_clip
         if frames.shape[0] == 0 or frames.shape[0] % t:
             raise ValueError(f"a video needs a positive multiple of {t} frames, got {frames.shape[0]}")
-        per_call = int(getattr(self.config, "vision_clips_per_call", 0) or 0)
+        per_call = self.config.vision_clips_per_call
         if per_call <= 0:
             return self._encode_frames(frames)
         # uint8 frames per chunk: normalisation (a float copy of every frame, larger than a narrow
@@ -287,7 +287,7 @@ class VideoFlashForConditionalGeneration(VideoFlashPreTrainedModel, GenerationMi
     def vision_calls_needed(self, frames: int) -> int:
         """Encoder calls :meth:`encode_video` makes on ``frames`` frames (a text-only batch: the
         one-clip dummy)."""
-        per_call = int(getattr(self.config, "vision_clips_per_call", 0) or 0)
+        per_call = self.config.vision_clips_per_call
         clips = max(1, frames // self.config.frames_per_clip)
         return 1 if per_call <= 0 else -(-clips // per_call)
 
@@ -714,7 +714,7 @@ class VideoFlashForConditionalGeneration(VideoFlashPreTrainedModel, GenerationMi
                 targets = new_labels[:, 1:]
                 keep = targets != IGNORE_INDEX
                 loss = self.lm_loss(hidden[:, :-1][keep], self.get_output_embeddings(), targets[keep],
-                                    getattr(self.config, "loss_chunk_size", 4096))
+                                    self.config.loss_chunk_size)
         else:
             if logits_to_keep:
                 hidden = hidden[:, -logits_to_keep:]

@@ -132,7 +132,7 @@ class Trainer:
         # the batch arithmetic go by the data-parallel ranks (checked in setup)
         self.sp = cfg.train.sequence_parallel
         self.dp_rank = seqpar.data_parallel_rank(self.rank, self.sp)
-        self.dp_world = max(1, self.world // self.sp)
+        self.dp_world: int | None = None  # world / sp, checked in setup
         self.mpu = None  # DeepSpeed's sequence-parallel groups, for deepspeed.initialize
         self.backward_scale = seqpar.backward_scale(cfg.deepspeed.zero_stage, self.sp)
 
@@ -447,7 +447,7 @@ class Trainer:
         all-reduce spans the whole world, since ZeRO-3 partitions over every rank (the ranks of a
         sequence-parallel group read the same samples, and agree trivially). None: one call per
         micro-batch, nothing to agree."""
-        if not getattr(self.model.config, "vision_clips_per_call", 0):
+        if not self.model.config.vision_clips_per_call:
             return None
         counts = batch.get("video_frame_counts")
         frames = int(counts.sum()) if counts is not None else 0
