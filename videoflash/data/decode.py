@@ -138,7 +138,7 @@ class VideoDecoder:
 
     def __init__(self, data: bytes, size: int | tuple[int, int] | None = None, num_threads: int = 1,
                  backend: str = "auto"):  # fmt: skip
-        from ..model.video_io import open_reader, resolve_backend
+        from ..model.video_io import FrameReader, resolve_backend
 
         if not data:
             raise MediaError("empty_media", "the video has zero bytes")
@@ -153,7 +153,7 @@ class VideoDecoder:
         self._vr = self._reader = None
         if self.backend != "decord":
             try:
-                self._reader = open_reader(data, self.backend, num_threads)
+                self._reader = FrameReader(data, self.backend, num_threads)
             except Exception as exn:
                 raise MediaError("bad_video", f"cannot open the video: {_decord_message(exn)}") from exn
             self.num_frames, self.fps = self._reader.num_frames, self._reader.fps

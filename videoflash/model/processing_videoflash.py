@@ -59,7 +59,7 @@ from transformers.processing_utils import ProcessorMixin
 
 from .anyres import resize_frames, resize_square, select_best_grid, tile_image
 from .frame_sampling import frame_count, frame_indices, middle_indices, parse_policy
-from .video_io import BACKENDS, open_reader, resize_uint8, resolve_backend
+from .video_io import BACKENDS, FrameReader, resize_uint8, resolve_backend
 
 __all__ = [
     "VideoFlashProcessor",
@@ -176,7 +176,7 @@ class VideoSource:
                  backend: str = "auto"):  # fmt: skip
         self.size = int(size)
         self.exact = bool(exact)
-        self.backend = backend
+        self.backend = backend  # resolved ("auto" -> a library) once the video is known to be a file
         self._frames = None
         self._reader = self._full = None
         self._data = None
@@ -205,10 +205,9 @@ class VideoSource:
         else:
             raise TypeError(f"a video is a path, bytes or uint8 frames [N, H, W, 3]; got {type(video).__name__}")
         self.backend = resolve_backend(backend)
-        self._full = None
         if self.backend != "decord":
             try:
-                self._full = open_reader(self._data, self.backend, self._num_threads)
+                self._full = FrameReader(self._data, self.backend, self._num_threads)
             except Exception as exn:  # noqa: BLE001 - each library raises its own errors
                 raise ValueError(f"cannot open the video {self.name}: {str(exn).splitlines()[0][:200] if str(exn) else exn!r}") from exn
             self.num_frames, native_fps = self._full.num_frames, self._full.fps

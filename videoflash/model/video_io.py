@@ -34,7 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["BACKENDS", "torchcodec_problem", "resolve_backend", "resize_uint8", "FrameReader", "open_reader"]
+__all__ = ["BACKENDS", "torchcodec_problem", "resolve_backend", "resize_uint8", "FrameReader"]
 
 BACKENDS = ("auto", "torchcodec", "decord", "pyav")
 #: full-size frames decoded per call: 16 frames of 1080p RGB are 100 MB, then resized at once
@@ -194,8 +194,3 @@ def _av():
     except ImportError as exn:  # pragma: no cover - depends on the environment
         raise ImportError("the pyav backend needs PyAV (pip install av)") from exn
     return av
-
-
-def open_reader(src, backend: str, num_threads: int = 1) -> FrameReader:
-    """A :class:`FrameReader` for ``backend`` (``torchcodec`` or ``pyav``)."""
-    return FrameReader(src, backend, num_threads)
