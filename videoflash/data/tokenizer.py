@@ -76,11 +76,19 @@ yes no true false correct wrong hello world please thank thanks
 system user assistant system user assistant system user assistant
 """
 
+#: The answer words as an assistant reply starts them, at the start of a line (no leading space):
+#: each one line of its own, so that it is one token as in Qwen2's vocabulary (and not ``t w o``).
+_REPLY_WORDS = """
+red green blue yellow square circle triangle left right up down one two three beginning middle end
+yes no
+"""
+
 
 def builtin_corpus() -> str:
     """The deterministic training text of the small tokenizer."""
     lines = [line.strip() for line in _WORDS.strip().splitlines() if line.strip()]
     # Repeat common phrases so their merges win; sentences in both cases.
+    lines += _REPLY_WORDS.split()
     text = "\n".join(lines)
     return "\n".join([text, text.lower(), text.capitalize()] * 4)
 
