@@ -70,3 +70,22 @@ def test_evaluate_scores_every_question_against_its_answer(tiny_corpus, tmp_path
     for p in result.predictions:
         assert p["correct"] == (normalize_answer(p["output"]) == by_id[p["id"]]["answer"])
     assert sum(p["correct"] for p in result.predictions) == sum(s.correct for s in result.tasks.values())
+
+
+def test_quickstart_needle_figure_counts_the_longest_half_of_the_needle_videos():
+    from videoflash.quickstart import needle_on_longest
+
+    preds = [  # six needle questions over videos of 60..110 s, a short-clip question that must not count
+        {"task": "needle_color", "duration": 60.0, "correct": True},
+        {"task": "needle_time", "duration": 70.0, "correct": True},
+        {"task": "needle_color", "duration": 80.0, "correct": False},
+        {"task": "needle_time", "duration": 90.0, "correct": True},
+        {"task": "needle_color", "duration": 110.0, "correct": False},
+        {"task": "needle_time", "duration": 100.0, "correct": True},
+        {"task": "color", "duration": 4.0, "correct": False},
+    ]
+    got = needle_on_longest(preds)
+    # the longest half: 90, 100 and 110 s, two of the three right
+    assert (got["correct"], got["total"], got["min_seconds"]) == (2, 3, 90.0)
+    assert got["accuracy"] == 2 / 3
+    assert needle_on_longest(preds[-1:])["total"] == 0

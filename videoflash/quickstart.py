@@ -38,11 +38,12 @@ def make_corpus(cfg) -> None:
     root = Path(cfg.data.root)
     synth = cfg.data.synthetic
     wanted = {"num_train": synth.num_train, "num_heldout": synth.num_heldout, "seed": synth.seed,
-              "train_questions": synth.train_questions}
+              "train_questions": synth.train_questions, "shape_scale": [float(x) for x in synth.shape_scale]}
+    older = {"train_questions": "one", "shape_scale": [0.17, 0.17]}  # corpora made before these options
     meta = root / "meta.json"
     if meta.is_file():
         made = json.loads(meta.read_text()).get("config", {})
-        stale = [k for k, v in wanted.items() if made.get(k, "one" if k == "train_questions" else None) != v]
+        stale = [k for k, v in wanted.items() if made.get(k, older.get(k)) != v]
         if stale:
             print(f"[quickstart] {root} was generated with other {', '.join(stale)}; generating it anew", flush=True)
             shutil.rmtree(root)
@@ -51,7 +52,8 @@ def make_corpus(cfg) -> None:
 
         print(f"[quickstart] generating the synthetic corpus in {root} ...", flush=True)
         generate_corpus(str(root), SynthConfig(num_train=synth.num_train, num_heldout=synth.num_heldout, seed=synth.seed,
-                                               train_questions=synth.train_questions))
+                                               train_questions=synth.train_questions,
+                                               shape_scale=tuple(float(x) for x in synth.shape_scale)))
     if not (root / "shards" / "train-index.json").is_file():
         print("[quickstart] sharding it ...", flush=True)
         subprocess.run(
@@ -84,14 +86,36 @@ def evaluate_stage(cfg) -> dict:
     result = evaluate_export(export_dir(cfg.run_root, s.id), cfg.data.heldout, fs, batch_size=cfg.eval.batch_size,
                              max_new_tokens=cfg.eval.max_new_tokens, max_samples=cfg.eval.max_samples)
     print(result.table(), flush=True)
-    return result.to_dict()
+    scores = result.to_dict()
+    scores["needle_longest"] = needle_on_longest(result.predictions)
+    if scores["needle_longest"]["total"]:
+        n = scores["needle_longest"]
+        print(f"needle questions on the longest half of the long videos (>= {n['min_seconds']:.0f} s): "
+              f"{n['correct']}/{n['total']} = {n['accuracy']:.3f}", flush=True)
+    return scores
+
+
+def needle_on_longest(predictions: list[dict]) -> dict:
+    """Accuracy of the needle questions (``needle_*`` tasks) on the longest half of their videos: those
+    at least as long as the median duration of the long videos asked about."""
+    needles = [p for p in predictions if str(p.get("task", "")).startswith("needle") and p.get("duration")]
+    if not needles:
+        return {"correct": 0, "total": 0, "accuracy": 0.0, "min_seconds": 0.0}
+    durations = sorted(float(p["duration"]) for p in needles)
+    cut = durations[len(durations) // 2]  # the (upper) median: half of them, or one more when odd
+    longest = [p for p in needles if float(p["duration"]) >= cut]
+    correct = sum(bool(p["correct"]) for p in longest)
+    return {"correct": correct, "total": len(longest), "accuracy": correct / len(longest), "min_seconds": cut}
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| stage | trains | steps | minutes | loss | accuracy | chance |", "|---|---|---|---|---|---|---|"]
+    lines = ["| stage | trains | steps | minutes | loss | accuracy | chance | needle, longest half |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        n = r.get("needle_longest") or {"total": 0}
+        needle = f"{n['accuracy']:.3f} ({n['correct']}/{n['total']})" if n["total"] else "-"
         lines.append(f"| {r['stage']} | {r['trains']} | {r['steps']} | {r['minutes']:.1f} | {r['loss']:.3f} "
-                     f"| {r['accuracy']:.3f} | {r['chance']:.3f} |")
+                     f"| {r['accuracy']:.3f} | {r['chance']:.3f} | {needle} |")
     return "\n".join(lines)
 
 

@@ -182,7 +182,7 @@ def evaluate(model, tokenizer, heldout: str | os.PathLike, fs: FrameSettings, *,
             score.correct += int(ok)
             score.total += 1
             result.predictions.append({"id": rec.get("id"), "task": rec.get("task"), "answer": rec["answer"],
-                                       "output": text, "correct": ok})
+                                       "output": text, "correct": ok, "duration": rec.get("duration")})
         bar.update(len(chunk))
     bar.close()
     return result
