@@ -126,6 +126,9 @@ class SynthConfig:
     # moves or flashes; a long video's needle colour and time), as instruction data asks several
     # questions per video; "one": its own question only. Held-out records always ask one.
     train_questions: str = "one"
+    # the half-size of a clip's or image's shape (and of a needle), a fraction of min(width, height),
+    # drawn uniformly from [lo, hi] per video (from its own seed, so [x, x] keeps every other draw)
+    shape_scale: tuple[float, float] = (0.17, 0.17)
     splits: dict = field(default_factory=dict)  # filled in: split -> counts
 
 
@@ -150,6 +153,14 @@ def shape_mask(shape: str, cy: float, cx: float, r: float, ys: np.ndarray, xs: n
     raise ValueError(f"unknown shape {shape!r}")
 
 
+def shape_radius(spec: dict, cfg: SynthConfig) -> float:
+    """The shape's half-size in pixels for this video: ``cfg.shape_scale`` drawn from a generator of
+    its own (the video's seed and 11), so a fixed scale leaves every other draw as it was."""
+    lo, hi = (float(x) for x in cfg.shape_scale)
+    frac = lo if lo == hi else float(np.random.default_rng([*spec["seed"], 11]).uniform(lo, hi))
+    return frac * min(cfg.height, cfg.width)
+
+
 def _canvas(n: int, h: int, w: int) -> np.ndarray:
     out = np.empty((n, h, w, 3), np.uint8)
     out[:] = BACKGROUND
@@ -162,7 +173,7 @@ def render_short(spec: dict, cfg: SynthConfig) -> tuple[np.ndarray, dict]:
     h, w = cfg.height, cfg.width
     n = int(round(cfg.short_seconds * cfg.short_fps))
     ys, xs = _grid(h, w)
-    r = 0.17 * min(h, w)
+    r = shape_radius(spec, cfg)
     color = list(COLORS)[rng.integers(len(COLORS))]
     shape = SHAPES[rng.integers(len(SHAPES))]
     direction = DIRECTIONS[rng.integers(len(DIRECTIONS))]
@@ -212,7 +223,7 @@ def render_long(spec: dict, cfg: SynthConfig) -> tuple[np.ndarray, dict]:
     n = max(1, int(round(duration * fps)))
     duration = n / fps
     ys, xs = _grid(h, w)
-    r = 0.17 * min(h, w)
+    r = shape_radius(spec, cfg)
     color = list(COLORS)[rng.integers(len(COLORS))]
     shape = SHAPES[rng.integers(len(SHAPES))]
     third = int(rng.integers(3))
@@ -264,7 +275,7 @@ def render_image(spec: dict, cfg: SynthConfig) -> tuple[np.ndarray, dict]:
     color = list(COLORS)[rng.integers(len(COLORS))]
     shape = SHAPES[rng.integers(len(SHAPES))]
     img = _canvas(1, h, w)[0]
-    img[shape_mask(shape, rng.uniform(0.3, 0.7) * h, rng.uniform(0.3, 0.7) * w, 0.17 * min(h, w), ys, xs)] = (
+    img[shape_mask(shape, rng.uniform(0.3, 0.7) * h, rng.uniform(0.3, 0.7) * w, shape_radius(spec, cfg), ys, xs)] = (
         COLORS[color]
     )
     return img, {"image_color": color, "image_shape": shape}
@@ -360,6 +371,9 @@ def generate_corpus(out_dir: str, cfg: SynthConfig | None = None, workers: int |
     cfg = cfg or SynthConfig()
     if not 0.0 <= cfg.long_fraction <= 1.0:
         raise ValueError(f"long_fraction must be in [0, 1], got {cfg.long_fraction}")
+    lo, hi = (float(x) for x in cfg.shape_scale)
+    if not 0 < lo <= hi <= 0.25:
+        raise ValueError(f"shape_scale must be 0 < lo <= hi <= 0.25 (of the frame's shorter side), got {cfg.shape_scale}")
     if cfg.train_questions not in ("one", "all"):
         raise ValueError(f"train_questions must be 'one' or 'all', got {cfg.train_questions!r}")
     if cfg.short_seconds < len(COUNTS):
@@ -449,6 +463,8 @@ def main(argv=None) -> int:
     p.add_argument("--crf", type=int, default=20, help="x264 quality (lower: larger files)")
     p.add_argument("--train-questions", choices=("one", "all"), default="one",
                    help="all: training records also ask every other fact their video shows (multi-turn)")
+    p.add_argument("--shape-scale", type=float, nargs=2, default=(0.17, 0.17), metavar=("LO", "HI"),
+                   help="the shapes' half-size, a fraction of the shorter side, drawn in [LO, HI] per video")
     p.add_argument("--workers", type=int, default=None, help="parallel processes (default: up to 4)")
     a = p.parse_args(argv)
     w, h = _size(a.resolution)
@@ -467,6 +483,7 @@ def main(argv=None) -> int:
         needle_seconds=a.needle_seconds,
         crf=a.crf,
         train_questions=a.train_questions,
+        shape_scale=tuple(a.shape_scale),
     )
     meta = generate_corpus(a.out, cfg, workers=a.workers)
     total = sum(sum(c.values()) for c in meta["counts"].values())

@@ -144,7 +144,10 @@ def _short_answer(task, frames):
         for n in (4, 8, 16):  # stage-1 (4 frames) and stage-2 style sampling both see each flash once
             idx = frame_indices(32, 8.0, "middle", 0, n)
             seen = [bool(_colored(frames[i]).any()) for i in idx]
-            counts.add(sum(1 for k, v in enumerate(seen) if v and (k == 0 or not seen[k - 1])))
+            if n == 4:  # one frame per one-second slot: flashes in adjacent slots touch, count frames
+                counts.add(sum(seen))
+            else:  # two or more frames per slot: each flash is a run of frames with a gap after it
+                counts.add(sum(1 for k, v in enumerate(seen) if v and (k == 0 or not seen[k - 1])))
         return {1: "one", 2: "two", 3: "three"}.get(counts.pop()) if len(counts) == 1 else None
     raise AssertionError(task)
 
@@ -249,3 +252,23 @@ def test_cli(tmp_path):
 
     frames = VideoDecoder(open(os.path.join(out, recs[0]["video"]), "rb").read()).frames([0])
     assert frames.shape == (1, 32, 48, 3)
+
+
+def test_shape_scale_draws_each_videos_size_and_keeps_the_answers(tmp_path):
+    # shapes of half-size 0.10..0.24 of the 64-px side: a circle of half-size r covers about pi r^2
+    # pixels, a square (sides 1.7 r) 2.89 r^2, a triangle (height 2r, base 2.4r) 2.4 r^2; the drawn
+    # sizes spread over the range, and the answers still read back from the pixels
+    cfg = SynthConfig(num_train=24, num_heldout=0, long_fraction=0.0, seed=5, shape_scale=(0.10, 0.24))
+    generate_corpus(str(tmp_path), cfg, workers=1, progress=False)
+    area = {"circle": np.pi, "square": 1.7**2, "triangle": 2.4}
+    halves = []
+    for r in _records(tmp_path, "train"):
+        frames, _ = _frames(tmp_path, r)
+        shown = next(f for f in frames if _colored(f).sum())
+        if r["task"] in ("color", "shape", "motion", "count"):
+            assert _short_answer(r["task"], frames) == r["answer"], r["id"]
+        shape = _shape_name(shown)
+        halves.append(np.sqrt(_colored(shown).sum() / area[shape]) / 64)
+    assert 0.09 < min(halves) < 0.14 and 0.20 < max(halves) < 0.25, halves
+    with pytest.raises(ValueError, match="shape_scale"):
+        generate_corpus(str(tmp_path / "bad"), SynthConfig(num_train=2, num_heldout=0, shape_scale=(0.2, 0.1)))

@@ -120,6 +120,8 @@ class SynthSchema:
     num_heldout: int = 200
     seed: int = 0
     train_questions: str = "one"  # "all": training records ask every fact their video shows (multi-turn)
+    # the shapes' half-size as a fraction of the frame's shorter side, drawn per video in [lo, hi]
+    shape_scale: list = field(default_factory=lambda: [0.17, 0.17])
 
 
 @dataclass

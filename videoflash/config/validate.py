@@ -148,6 +148,9 @@ def validate(cfg: DictConfig) -> VideoFlashSchema:
     _positive("data.num_workers", d.num_workers, allow_zero=True)
     if d.synthetic is not None:
         _choice("data.synthetic.train_questions", d.synthetic.train_questions, ("one", "all"))
+        scale = list(d.synthetic.shape_scale)
+        if len(scale) != 2 or not 0 < float(scale[0]) <= float(scale[1]) <= 0.25:
+            raise ConfigError("data.synthetic.shape_scale", f"must be [lo, hi] with 0 < lo <= hi <= 0.25, got {scale}")
     _positive("data.max_batch_tokens", d.max_batch_tokens)
     _positive("data.pack_tokens", d.pack_tokens, allow_zero=True)
     if d.pack_tokens:
