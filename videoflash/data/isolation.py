@@ -19,8 +19,10 @@ runs in a child process that the caller supervises:
   buffers that fit go through an anonymous shared mapping made before each fork instead: the child
   copies them there, the pipe carries only the pickle, and the caller copies them out when the
   message is whole (77 MB of frames: about 31 ms over making them, against about 54 ms through the
-  pipe, which costs a system call and a context switch per MB). A child that dies half-way through
-  leaves its area unread; its replacement gets a new one.
+  pipe, which costs a system call and a context switch per MB). A task may build its result array
+  in the area itself (:func:`result_area`), which saves that copy too; the caller's copy out goes
+  where ``alloc`` says. A child that dies half-way through leaves its area unread; its replacement
+  gets a new one.
 - The caller waits for a result up to a timeout. The child's death shows as the end of its result
   pipe (or a broken request pipe); the caller then reaps it and reads the signal. A crash raises
   :class:`IsolationError` with reason ``decoder_crash`` (naming the signal or exit code), a timeout
