@@ -24,7 +24,7 @@ from tests.data_fixtures import index_video, png_bytes, qa, record, tokenizer  #
 from tests.test_pipeline import _fingerprint, cfg, make_set, take, vid
 from videoflash.data import build_loader
 from videoflash.data.decode import MediaError
-from videoflash.data.isolation import CRASH, TIMEOUT, Isolated, IsolationError, run_ordered
+from videoflash.data.isolation import CRASH, TIMEOUT, Isolated, IsolationError, result_area, run_ordered
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = Path(__file__).resolve().parent / "data"
@@ -132,6 +132,42 @@ def test_results_through_the_shared_area():
     assert hung.value.reason == TIMEOUT
     assert np.array_equal(t.call("ok", 500)[0], np.arange(500)) and t.starts == 3
     t.close()
+
+
+def _in_area(kind, n):
+    """A result built in the child's shared area (``result_area``): ``inplace`` one array there, as
+    the loader's decode does; ``misplaced`` a small array first, then an array at the area's start,
+    where the small one would be copied; ``none`` asks for more than the area holds."""
+    area = result_area(8 * n)
+    if kind == "none":
+        return area is None, os.getpid()
+    arr = area.view(np.int64)
+    arr[:] = np.arange(n) * 7
+    if kind == "misplaced":
+        return (np.full(5, -3, np.int64), arr), os.getpid()
+    return arr, os.getpid()
+
+
+def test_results_built_in_the_shared_area():
+    # the worked values: 7 * arange(n), written where they travel; nothing the next task writes
+    # reaches a result already returned; in the caller's process there is no area
+    assert result_area(8) is None
+    t = Isolated(_in_area, timeout=5.0, name="worker", shared_bytes=8 * 1000)
+    kept, pid = t.call("inplace", 1000)
+    assert np.array_equal(kept, np.arange(1000) * 7) and pid != os.getpid()
+    small, big = t.call("misplaced", 600)[0]  # the area path would overwrite big's start with small
+    assert np.array_equal(small, np.full(5, -3)) and np.array_equal(big, np.arange(600) * 7)
+    assert t.call("none", 1001)[0] is True
+    t.call("inplace", 10)
+    assert np.array_equal(kept, np.arange(1000) * 7)
+    allocated = []
+    u = Isolated(_in_area, timeout=5.0, name="worker", shared_bytes=8 * 100,
+                 alloc=lambda n: allocated.append(np.empty(n, np.uint8)) or allocated[-1])  # fmt: skip
+    arr = u.call("inplace", 100)[0]
+    assert np.array_equal(arr, np.arange(100) * 7)
+    assert arr.__array_interface__["data"][0] == allocated[0].__array_interface__["data"][0]  # copied out there
+    t.close()
+    u.close()
 
 
 def test_probe_run_replaces_killed_and_hung_workers():

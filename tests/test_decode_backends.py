@@ -92,6 +92,22 @@ def test_each_backend_decodes_the_right_frames(mp4, backend):
     assert [read_number(f) for f in every] == list(range(N))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_frames_decode_into_a_given_tensor(mp4, backend):
+    # into a caller's tensor (the loader's shared area), for sorted, repeated and unsorted indices:
+    # the frames that carry those numbers, equal to a plain decode's pixels, in that very tensor
+    _needs(backend)
+    dec = VideoDecoder(mp4, size=64, backend=backend)
+    for idx in (list(range(0, N, 3)), [0, 5, 5, 9, 9, 9], [40, 2, 17]):
+        out = torch.full((len(idx), 64, 64, 3), 7, dtype=torch.uint8)
+        got = dec.frames(idx, out=out)
+        assert got.data_ptr() == out.data_ptr()
+        assert [read_number(f) for f in out] == idx
+        assert torch.equal(out, dec.frames(idx))
+    with pytest.raises(ValueError, match="out must be"):
+        dec.frames([1, 2], out=torch.empty((3, 64, 64, 3), dtype=torch.uint8))
+
+
 def test_backends_agree_on_pixels_and_frame_picks(mp4):
     for b in BACKENDS:
         _needs(b)

@@ -195,27 +195,42 @@ class VideoDecoder:
             got = resize_frames(got, *self.out_hw)
         return got
 
-    def frames(self, indices) -> torch.Tensor:
-        """Decode the frames at ``indices`` (repeats allowed) -> uint8 ``[N, S, S, 3]``."""
+    def frames(self, indices, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Decode the frames at ``indices`` (repeats allowed) -> uint8 ``[N, S, S, 3]``.
+
+        ``out``: a contiguous uint8 tensor of that shape to decode into (returned), so that frames
+        meant for another process can be written straight into memory shared with it; the torchcodec
+        and PyAV readers fill it chunk by chunk, decord's batch is copied into it."""
         indices = [int(i) for i in indices]
         if not indices:
             raise ValueError("no frame indices")
         if min(indices) < 0 or max(indices) >= self.num_frames:
             raise MediaError("bad_video", f"frame index out of range for a {self.num_frames}-frame video")
+        if out is not None and (tuple(out.shape) != (len(indices), *self.out_hw, 3) or out.dtype != torch.uint8
+                                or not out.is_contiguous()):  # fmt: skip
+            raise ValueError(f"out must be contiguous uint8 {(len(indices), *self.out_hw, 3)}, got "
+                             f"{out.dtype} {tuple(out.shape)}")  # fmt: skip
         uniq = sorted(set(indices))
+        direct = out if uniq == indices else None  # decoded in place unless frames repeat or come unsorted
         if self._reader is None:
             got = self._read_decord(uniq)
         else:
             h, w = self.out_hw
             try:
-                got = self._reader.read_resized(uniq, h, w)
+                got = self._reader.read_resized(uniq, h, w, out=direct)
             except Exception as exn:
                 raise MediaError("bad_video", f"cannot decode frames: {_decord_message(exn)}") from exn
             if got.shape[0] != len(uniq) or tuple(got.shape[1:3]) != self.out_hw:
                 raise MediaError("bad_video", f"the decoder returned {tuple(got.shape)} for {len(uniq)} frames")
         if uniq != indices:  # repeats (padding) or unsorted input
             pos = {f: k for k, f in enumerate(uniq)}
-            got = got[[pos[i] for i in indices]]
+            order = torch.tensor([pos[i] for i in indices], dtype=torch.long)
+            if out is None:
+                return got.index_select(0, order)
+            return torch.index_select(got, 0, order, out=out)
+        if out is not None and got is not out:
+            out.copy_(got)
+            return out
         return got.contiguous()
 
 

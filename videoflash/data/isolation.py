@@ -19,8 +19,10 @@ runs in a child process that the caller supervises:
   buffers that fit go through an anonymous shared mapping made before each fork instead: the child
   copies them there, the pipe carries only the pickle, and the caller copies them out when the
   message is whole (77 MB of frames: about 31 ms over making them, against about 54 ms through the
-  pipe, which costs a system call and a context switch per MB). A child that dies half-way through
-  leaves its area unread; its replacement gets a new one.
+  pipe, which costs a system call and a context switch per MB). A task may build its result array
+  in the area itself (:func:`result_area`), which saves that copy too; the caller's copy out goes
+  where ``alloc`` says. A child that dies half-way through leaves its area unread; its replacement
+  gets a new one.
 - The caller waits for a result up to a timeout. The child's death shows as the end of its result
   pipe (or a broken request pipe); the caller then reaps it and reads the signal. A crash raises
   :class:`IsolationError` with reason ``decoder_crash`` (naming the signal or exit code), a timeout
@@ -53,7 +55,7 @@ import sys
 import time
 import weakref
 
-__all__ = ["IsolationError", "Isolated", "run_ordered", "CRASH", "TIMEOUT"]
+__all__ = ["IsolationError", "Isolated", "run_ordered", "result_area", "CRASH", "TIMEOUT"]
 
 CRASH = "decoder_crash"
 TIMEOUT = "decoder_timeout"
@@ -81,21 +83,57 @@ class IsolationError(Exception):
 # messages over a pipe
 
 
+def _address(buf) -> int:
+    import numpy as np
+
+    return int(np.frombuffer(buf, np.uint8).__array_interface__["data"][0])
+
+
 def _encode(obj, shared: mmap.mmap | None = None) -> list:
     """The parts of one message: prefix, buffer sizes, the pickle, the out-of-band buffers. With a
-    ``shared`` area that holds them, the buffers are copied there instead of into the pipe."""
+    ``shared`` area that holds them, the buffers are copied there instead of into the pipe; a
+    buffer already in its place there (written through :func:`result_area`) is not copied. A
+    buffer that lies in the area anywhere else sends the message through the pipe (copying the
+    others into the area could overwrite it)."""
     bufs = []
     head = pickle.dumps(obj, protocol=5, buffer_callback=bufs.append)
     raws = [b.raw() for b in bufs]
     sizes = b"".join(_SIZE.pack(r.nbytes) for r in raws)
     if shared is not None and raws and sum(r.nbytes for r in raws) <= len(shared):
-        view, off = memoryview(shared), 0
+        base, end = _address(shared), _address(shared) + len(shared)
+        places, off = [], 0
         for r in raws:
-            view[off : off + r.nbytes] = r
+            at = _address(r) if r.nbytes else -1
+            places.append(at == base + off)
+            if not places[-1] and base <= at < end:
+                break  # in the area, but not where it goes
             off += r.nbytes
-        view.release()
-        return [_PREFIX.pack(len(head), len(raws), 1) + sizes, head]
+        else:
+            view, off = memoryview(shared), 0
+            for r, in_place in zip(raws, places):
+                if not in_place:
+                    view[off : off + r.nbytes] = r
+                off += r.nbytes
+            view.release()
+            return [_PREFIX.pack(len(head), len(raws), 1) + sizes, head]
     return [_PREFIX.pack(len(head), len(raws), 0) + sizes, head, *raws]
+
+
+_AREA: mmap.mmap | None = None  # in a child: its shared area (see result_area)
+
+
+def result_area(nbytes: int):
+    """In the child of an :class:`Isolated` with a shared area of at least ``nbytes``: a writable
+    uint8 numpy array over the first ``nbytes`` of that area, else None (the caller's process, an
+    inline run, a result too large). A task that builds its result array there (one array, the
+    result's first out-of-band buffer) hands it over without the copy into the area: the caller
+    copies it out as it does any other result. The area is the child's scratch for one result at a
+    time: the next task overwrites it."""
+    if _AREA is None or nbytes > len(_AREA):
+        return None
+    import numpy as np
+
+    return np.frombuffer(_AREA, np.uint8, int(nbytes))
 
 
 class _Reader:
@@ -103,8 +141,9 @@ class _Reader:
     out-of-band buffers come from the pipe or, when the message says so, are copied out of
     ``shared`` (so that the next task can reuse the area)."""
 
-    def __init__(self, shared: mmap.mmap | None = None):
+    def __init__(self, shared: mmap.mmap | None = None, alloc=None):
         self._shared = shared
+        self._alloc = alloc
         self._in_shared = False
         self._want = [bytearray(_PREFIX.size)]  # buffers still to fill, in order
         self._got: list[bytearray] = []
@@ -142,7 +181,7 @@ class _Reader:
 
             off = 0
             for n in self._sizes:
-                out = np.empty(n, np.uint8)
+                out = np.empty(n, np.uint8) if self._alloc is None else self._alloc(n)
                 out[:] = np.frombuffer(self._shared, np.uint8, n, off)
                 bufs.append(out)
                 off += n
@@ -173,6 +212,8 @@ def _write_all(fd: int, parts: list, deadline: float | None) -> None:
 
 def _child_main(fn, req_fd: int, res_fd: int, shared: mmap.mmap | None = None) -> None:
     """The child's loop: a task in, ``fn(*task)`` out; ends at the end of the request pipe."""
+    global _AREA
+    _AREA = shared
     os.set_blocking(req_fd, True)
     os.set_blocking(res_fd, True)
     while True:
@@ -316,13 +357,18 @@ class Isolated:
     bounds each task. The child starts at the first task (or ``start()``) and again after a failure;
     ``close()`` (also at garbage collection) ends it. ``shared_bytes``: the size of the shared area
     that results' arrays travel through (0: the pipe only; a larger result takes the pipe).
+    ``alloc(nbytes)``: where the caller copies a result's arrays out of the shared area (a writable
+    uint8 numpy array of ``nbytes``; default ``numpy.empty``), e.g. memory it will hand on without
+    another copy.
     """
 
-    def __init__(self, fn, timeout: float | None = None, name: str = "worker", shared_bytes: int = 0):
+    def __init__(self, fn, timeout: float | None = None, name: str = "worker", shared_bytes: int = 0,
+                 alloc=None):  # fmt: skip
         self.fn = fn
         self.timeout = timeout
         self.name = name
         self.shared_bytes = int(shared_bytes)
+        self.alloc = alloc
         self._shared: mmap.mmap | None = None
         self.pid: int | None = None
         self.starts = 0
@@ -408,7 +454,7 @@ class Isolated:
             raise self._lost(TIMEOUT, "receiving the task") from None
         except (BrokenPipeError, ConnectionResetError):
             raise self._lost(CRASH, "receiving the task") from None
-        self._reader = _Reader(self._shared)
+        self._reader = _Reader(self._shared, self.alloc)
 
     def poll(self):
         """Read what has arrived: ``(True, result)`` when the task is done, else ``(False, None)``.

@@ -65,10 +65,10 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .collate import Sample, collate, collate_packed
+from .collate import Sample, collate, collate_packed, worker_uint8
 from .conversation import ConversationTokenizer, normalize_conversation, place_placeholder, time_message
 from .decode import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, MediaError, VideoDecoder, decode_image, image_tiles
-from .isolation import Isolated, IsolationError
+from .isolation import Isolated, IsolationError, result_area
 from .sampling import frame_indices, parse_policy, span_to_frames
 from .shards import CountingFile, expand_shards, index_path_for, load_offsets, parse_sample, scan_offsets
 from .units import Plan, UnitTable, replan, window_samples
@@ -422,7 +422,8 @@ def _merge_counts(dst: dict, snap: dict) -> dict:
 
 def _decode_video(data: bytes, cfg: LoaderConfig, start, end):
     """The frames a sample's video gives under the stage's policy, and the seconds they span:
-    ``(uint8 [N, S, S, 3] array, seconds)``. Raises :class:`MediaError`."""
+    ``(uint8 [N, S, S, 3] array, seconds)``. Raises :class:`MediaError`. In the decode child the
+    frames are decoded straight into its shared area (:func:`.isolation.result_area`)."""
     dec = VideoDecoder(data, size=cfg.image_size, num_threads=cfg.decode_threads, backend=cfg.video_backend)
     try:
         first, stop = span_to_frames(dec.num_frames, dec.fps, start, end)
@@ -430,7 +431,32 @@ def _decode_video(data: bytes, cfg: LoaderConfig, start, end):
                             start=start, end=end, local_num_frames=cfg.local_num_frames)  # fmt: skip
     except ValueError as exn:
         raise MediaError("bad_span", str(exn)) from None
-    return dec.frames(idx).numpy(), (stop - first) / dec.fps
+    shape = (len(idx), *dec.out_hw, 3)
+    area = result_area(math.prod(shape))
+    out = None if area is None else torch.from_numpy(area).view(shape)
+    return dec.frames(idx, out=out).numpy(), (stop - first) / dec.fps
+
+
+class _SharedFrames:
+    """Where a stream copies its decode child's frames out of the shared area: a new uint8 tensor,
+    in shared memory inside a DataLoader worker, that becomes the sample's frames; a batch of one
+    video then goes to the training process without another copy (:func:`.collate.collate`)."""
+
+    def __init__(self):
+        self.last: torch.Tensor | None = None
+
+    def __call__(self, nbytes: int):
+        self.last = worker_uint8(nbytes)
+        return self.last.numpy()
+
+    def frames_of(self, arr) -> torch.Tensor:
+        """The tensor of the result array ``arr``: the one allocated for it when ``arr`` is its
+        memory (so it keeps its shared storage), else ``arr`` as a tensor (a result that came
+        through the pipe)."""
+        t, self.last = self.last, None
+        if t is not None and arr.nbytes == t.numel() and arr.__array_interface__["data"][0] == t.data_ptr():
+            return t.view(arr.shape)
+        return torch.from_numpy(arr)
 
 
 def _video_decoder(cfg: LoaderConfig, g: int) -> Isolated | None:
@@ -442,7 +468,7 @@ def _video_decoder(cfg: LoaderConfig, g: int) -> Isolated | None:
     # the largest video result (max_frames frames at the target size) travels through shared memory
     frame_bytes = int(cfg.max_frames) * int(cfg.image_size) ** 2 * 3
     return Isolated(_decode_video, timeout=float(cfg.decode_timeout_s), name=f"decode process of stream {g}",
-                    shared_bytes=frame_bytes)  # fmt: skip
+                    shared_bytes=frame_bytes, alloc=_SharedFrames())  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------------
@@ -584,7 +610,7 @@ class _Stream:
                     arr, seconds = _decode_video(*task) if self.decoder is None else self.decoder.call(*task)
                 except IsolationError as exn:
                     raise SkipSample(exn.reason, str(exn)) from None
-                frames = torch.from_numpy(arr)
+                frames = torch.from_numpy(arr) if self.decoder is None else self.decoder.alloc.frames_of(arr)
                 if cfg.time_message:
                     tmsg = time_message(seconds, int(frames.shape[0]))
             elif media_type == "image":

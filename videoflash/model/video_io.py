@@ -181,11 +181,25 @@ class FrameReader:
         if got:
             yield torch.from_numpy(np.stack(got))
 
-    def read_resized(self, uniq: list[int], height: int | None, width: int | None, resize=resize_uint8) -> torch.Tensor:
+    def read_resized(self, uniq: list[int], height: int | None, width: int | None, resize=resize_uint8,
+                     out: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
         """The frames at ``uniq`` resized chunk by chunk with ``resize`` (full size when ``height``
-        is None): a long video never exists decoded at full size all at once."""
-        parts = [c if height is None else resize(c, height, width) for c in self.chunks(uniq)]
-        return torch.cat(parts) if len(parts) > 1 else parts[0]
+        is None): a long video never exists decoded at full size all at once. ``out``: a uint8
+        ``[len(uniq), height, width, 3]`` tensor to write the frames into (e.g. memory shared with
+        another process), returned; otherwise the frames are a new tensor."""
+        if out is None:
+            parts = [c if height is None else resize(c, height, width) for c in self.chunks(uniq)]
+            return torch.cat(parts) if len(parts) > 1 else parts[0]
+        at = 0
+        for c in self.chunks(uniq):
+            part = c if height is None else resize(c, height, width)
+            if at + part.shape[0] > out.shape[0] or tuple(part.shape[1:]) != tuple(out.shape[1:]):
+                raise ValueError(f"frames of {tuple(part.shape)} do not fit an output of {tuple(out.shape)} at row {at}")
+            out[at : at + part.shape[0]] = part
+            at += part.shape[0]
+        if at != out.shape[0]:
+            raise ValueError(f"the decoder gave {at} frames for an output of {out.shape[0]}")
+        return out
 
 
 def _av():
