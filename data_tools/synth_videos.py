@@ -25,7 +25,9 @@ the video:
 The needle lies well inside one third of the video (a margin of 5% of the duration on each side).
 Uniform sampling sees it when frames are at most ``--needle-seconds`` apart: about 1 fps
 (``dynamic_fps1``) always does; a 120 s video needs at least 30 frames with the default 4 s needle.
-Optional still images (``--images N``) ask ``image_color`` / ``image_shape``.
+Optional still images (``--images N``) ask ``image_color`` / ``image_shape``. A shape's half-size is
+0.17 of the frame's shorter side, or, with ``--shape-scale LO HI``, drawn per video in that range (a
+model that has seen shapes at many sizes carries over to a higher resolution better).
 
 Every record carries ``task``, ``answer`` and ``choices`` (and ``needle_start``/``needle_end`` for long
 videos), so an evaluator can score answers and report the chance level of each task.
