@@ -15,6 +15,11 @@ hop; clue k shows its own hop number and the next hop's marker; the clues are sp
 the haystack (clue k after segment ``[(k-1)·I, k·I)`` with ``I = length / (K - 1)``), the needle at
 its depth, and the question asks to follow the chain from the START frame.
 
+``--answer word`` asks for the colour itself (no options, no post-prompt; the reply counts when it
+is the colour's name, the synthetic corpus's exact-match rule) for models trained to answer in words,
+as the quickstart model is; ``--question`` replaces the question text (e.g. the corpus's own
+needle question).
+
 Writes ``<out>/videos/<id>.mp4`` and ``<out>/niah.json``: one record per (length, depth) with the
 question, options, answer letter, the needle's and the clues' frame indices. Same seed, same bytes.
 """
@@ -36,6 +41,7 @@ QUESTION_SINGLE = "A frame in the video shows one colored shape. What color is t
 QUESTION_MULTI = ("Find the frame that says START. Follow the clues frame by frame to the final frame. "
                   "What color is the shape in the final frame?")
 POST_PROMPT = "Answer with the option's letter from the given choices directly."
+ANSWER_STYLES = ("letter", "word")
 
 
 def haystack_frames(paths: list[str], length: int) -> np.ndarray:
@@ -90,7 +96,10 @@ def needle_start(length: int, depth: float, needle_frames: int) -> int:
 
 
 def build(haystack: list[str], out: str, lengths: list[int], depths: list[float], hops: int = 1,
-          needle_frames: int = 1, seed: int = 0) -> list[dict]:
+          needle_frames: int = 1, seed: int = 0, question: str | None = None,
+          answer: str = "letter") -> list[dict]:
+    if answer not in ANSWER_STYLES:
+        raise ValueError(f"answer style {answer!r} is not one of {ANSWER_STYLES}")
     if hops < 1:
         raise ValueError("--hops must be >= 1")
     for d in depths:
@@ -131,12 +140,16 @@ def build(haystack: list[str], out: str, lengths: list[int], depths: list[float]
                 frames[i] = needle_frame(h, w, color, shape)
             rid = f"L{length}_D{depth:g}_H{hops}"
             write_mp4(str(out_dir / "videos" / f"{rid}.mp4"), frames, 1.0)
-            question = QUESTION_MULTI if hops > 1 else QUESTION_SINGLE
-            prompt = question + "\n" + "\n".join(f"({LETTERS[i]}) {o}" for i, o in enumerate(options)) + "\n" + POST_PROMPT
+            text = question or (QUESTION_MULTI if hops > 1 else QUESTION_SINGLE)
+            if answer == "word":
+                prompt, expected = text, color
+            else:
+                prompt = text + "\n" + "\n".join(f"({LETTERS[i]}) {o}" for i, o in enumerate(options)) + "\n" + POST_PROMPT
+                expected = LETTERS[options.index(color)]
             records.append({"id": rid, "video": f"videos/{rid}.mp4", "length": length, "depth": depth, "hops": hops,
                             "needle_frames": needle_idx, "clue_frames": clue_idx, "needle_color": color,
-                            "needle_shape": shape, "options": options, "answer": LETTERS[options.index(color)],
-                            "prompt": prompt})
+                            "needle_shape": shape, "options": options, "answer": expected,
+                            "answer_style": answer, "prompt": prompt})
     with open(out_dir / "niah.json", "w") as f:
         json.dump({"haystack": [str(p) for p in haystack], "hops": hops, "seed": seed, "records": records}, f, indent=1)
     return records
@@ -155,12 +168,15 @@ def main(argv=None) -> int:
     p.add_argument("--hops", type=int, default=1, help="1: single needle; K >= 2: K-1 clue frames then the needle")
     p.add_argument("--needle-frames", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--question", default=None, help="the question text (default: the published-style one)")
+    p.add_argument("--answer", choices=ANSWER_STYLES, default="letter",
+                   help="letter: four lettered options (default); word: the colour's name, no options")
     a = p.parse_args(argv)
     for hs in a.haystack:
         if not Path(hs).is_file():
             p.error(f"haystack video not found: {hs}")
     recs = build(a.haystack, a.out, [int(x) for x in _floats(a.lengths)], _floats(a.depths), a.hops,
-                 a.needle_frames, a.seed)
+                 a.needle_frames, a.seed, question=a.question, answer=a.answer)
     print(f"wrote {len(recs)} videos and {Path(a.out) / 'niah.json'}")
     return 0
 

@@ -216,8 +216,9 @@ def render_short(spec: dict, cfg: SynthConfig) -> tuple[np.ndarray, dict]:
     return frames, facts
 
 
-def render_long(spec: dict, cfg: SynthConfig) -> tuple[np.ndarray, dict]:
-    """Frames of a long video with one needle, and the facts (needle colour, time, third)."""
+def render_long(spec: dict, cfg: SynthConfig, needle: bool = True) -> tuple[np.ndarray, dict]:
+    """Frames of a long video with one needle, and the facts (needle colour, time, third);
+    ``needle=False``: the same video without its needle (a haystack for ``data_tools.make_niah``)."""
     rng = np.random.default_rng(spec["seed"])
     h, w = cfg.height, cfg.width
     duration = float(rng.uniform(*cfg.long_duration))
@@ -256,7 +257,7 @@ def render_long(spec: dict, cfg: SynthConfig) -> tuple[np.ndarray, dict]:
                 pos[k] = min(max(pos[k], dr), size - dr)
         frames[i][(np.abs(ys - pos[0]) <= dr) & (np.abs(xs - pos[1]) <= dr)] = grey
         t = i / fps
-        if t0 <= t < t1:
+        if needle and t0 <= t < t1:
             frames[i][shape_mask(shape, cy, cx, r, ys, xs)] = rgb
     facts = {
         "needle_color": color,

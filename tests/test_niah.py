@@ -93,3 +93,46 @@ def test_niah_scores_with_kv_compression_and_visual_dropout(tmp_path, haystack):
         assert res["hops"] == 3 and res["total"] == 2 and all(p["output"] is not None for p in res["predictions"])
     with pytest.raises(SystemExit, match="max_frames must be an integer"):
         niah_main([f"data={tmp_path / 'd'}", f"model={export}", "max_frames=many"])
+
+
+def test_word_answers_for_models_trained_to_answer_in_words(tmp_path, haystack):
+    """``--answer word``: the question alone (no options, no post-prompt), the colour's name as the
+    answer, and a reply counts when it is that name once lower-cased and stripped of punctuation."""
+    import string
+
+    from videoflash.eval.niah import main as niah_main
+
+    q = "A colored shape appeared briefly in the video. What color was it?"
+    assert make_niah(["--haystack", str(haystack), "--out", str(tmp_path / "d"), "--lengths", "4,8",
+                      "--depths", "0,1", "--answer", "word", "--question", q]) == 0
+    records = json.loads((tmp_path / "d/niah.json").read_text())["records"]
+    assert [r["prompt"] for r in records] == [q] * 4
+    assert all(r["answer"] == r["needle_color"] and r["answer_style"] == "word" for r in records)
+    export = write_export(tmp_path / "export")
+    assert niah_main([f"data={tmp_path / 'd'}", f"model={export}", f"out={tmp_path / 'r'}"]) == 0
+    res = json.loads((tmp_path / "r/niah.json").read_text())
+    colour = {r["id"]: r["needle_color"] for r in records}
+    for p in res["predictions"]:
+        said = p["output"].strip(string.whitespace + string.punctuation).lower()
+        assert p["pred"] == said and p["correct"] == (said == colour[p["id"]])
+    with pytest.raises(SystemExit):
+        make_niah(["--haystack", str(haystack), "--out", str(tmp_path / "e"), "--answer", "sentence"])
+
+
+def test_corpus_haystack_is_the_long_video_without_its_needle():
+    """``render_long(needle=False)`` draws the same video frame for frame, except that the needle's
+    frames keep only the haystack: a haystack in the corpus's own style for make_niah."""
+    from data_tools.synth_videos import SynthConfig, render_long
+
+    cfg = SynthConfig(height=48, width=64, long_duration=(30.0, 30.0))
+    spec = {"seed": [3, 1, 1, 0]}
+    with_needle, facts = render_long(spec, cfg)
+    hay, _ = render_long(spec, cfg, needle=False)
+    t = np.arange(len(hay)) / cfg.long_fps
+    inside = (t >= facts["needle_start"]) & (t < facts["needle_end"])
+    assert inside.sum() == int(cfg.needle_seconds * cfg.long_fps)
+    assert np.array_equal(hay[~inside], with_needle[~inside])
+    differs = (hay[inside] != with_needle[inside]).any(axis=(1, 2, 3))
+    assert differs.all()
+    colour = np.array(COLORS[facts["needle_color"]], np.uint8)
+    assert not (hay == colour).all(-1).any()  # no needle colour anywhere in the haystack

@@ -6,7 +6,8 @@
 Every video of the grid is asked its question with ``model.chat`` (greedy, 16 new tokens); by
 default every frame is taken (``policy=fps:1``, ``max_frames`` = the video's length), any frame
 policy, visual dropout or KV compression can be set instead. The reply's letter is read by the
-VideoMME rule (``benchmarks.extract_letter_videomme``). Writes ``<out>/niah.json`` (the grid and
+VideoMME rule (``benchmarks.extract_letter_videomme``); a grid made with ``--answer word`` counts a
+reply that is the colour's name (lower-cased, stripped of spaces and punctuation). Writes ``<out>/niah.json`` (the grid and
 every reply) and ``<out>/niah_heatmap.png``.
 """
 
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .benchmarks import extract_letter_videomme
+from .synthetic import normalize_answer
 
 
 def score_grid(model, processor, data_dir: str | Path, *, max_frames: int | None = None, visual_dropout=None,
@@ -32,7 +34,10 @@ def score_grid(model, processor, data_dir: str | Path, *, max_frames: int | None
         reply = model.chat(str(data_dir / rec["video"]), rec["prompt"], processor=processor,
                            max_frames=max_frames or rec["length"], min_frames=1, visual_dropout=visual_dropout,
                            generation_config={"do_sample": False, "max_new_tokens": max_new_tokens}, **kv)
-        pred = extract_letter_videomme(reply)
+        if rec.get("answer_style", "letter") == "word":  # the colour's name, exact match after normalising
+            pred = normalize_answer(reply)
+        else:
+            pred = extract_letter_videomme(reply)
         rows.append({"id": rec["id"], "length": rec["length"], "depth": rec["depth"], "output": reply, "pred": pred,
                      "answer": rec["answer"], "correct": pred == rec["answer"]})
     lengths = sorted({r["length"] for r in rows})
