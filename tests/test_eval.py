@@ -45,7 +45,8 @@ def test_eval_prompt_is_the_training_sample_up_to_its_answer(tiny_corpus):
         assert tok.decode(full.input_ids[first_label:]).startswith(rec["answer"])
 
 
-def test_evaluate_scores_every_question_against_its_answer(tiny_corpus, tmp_path):
+def _tiny_model():
+    """(tokenizer, a random 64 px model): one UMT block of width 32, one Qwen2 layer of width 32."""
     from videoflash.data.tokenizer import build_chatml_tokenizer
     from videoflash.model.modeling_videoflash import VideoFlashForConditionalGeneration
 
@@ -57,6 +58,11 @@ def test_evaluate_scores_every_question_against_its_answer(tiny_corpus, tmp_path
         text=text, vision=None, vision_config=dict(width=32, depth=1, num_heads=4, image_size=64, patch_size=16),
         tokenizer=tok, tokens_per_clip=8, tokens_per_image=8,
     )
+    return tok, model
+
+
+def test_evaluate_scores_every_question_against_its_answer(tiny_corpus, tmp_path):
+    tok, model = _tiny_model()
     fs = FrameSettings(image_size=64, policy="dynamic_fps1", min_frames=4, max_frames=8)
     result = evaluate(model, tok, tiny_corpus / "heldout.jsonl", fs, batch_size=5, max_new_tokens=3, progress=False)
 
@@ -89,3 +95,34 @@ def test_quickstart_needle_figure_counts_the_longest_half_of_the_needle_videos()
     assert (got["correct"], got["total"], got["min_seconds"]) == (2, 3, 90.0)
     assert got["accuracy"] == 2 / 3
     assert needle_on_longest(preds[-1:])["total"] == 0
+
+
+def test_an_export_loaded_at_another_size_runs_its_encoder_at_that_size(tmp_path):
+    """Asked for 96 px, an export trained at 64 px is loaded as stage 4 starts: its encoder built at 96
+    px (the trainer's rule: ``vision_config.image_size`` set, the position table resized), i.e. the
+    same model as the export with 96 written into its config.json by hand, taking 96 px clips."""
+    import shutil
+
+    from videoflash.eval.synthetic import load_export
+
+    tok, model = _tiny_model()
+    export = tmp_path / "export"
+    model.save_pretrained(export)
+    tok.save_pretrained(export)
+    by_hand = tmp_path / "export96"
+    shutil.copytree(export, by_hand)
+    cfg = json.loads((by_hand / "config.json").read_text())
+    cfg["vision_config"]["image_size"] = 96
+    (by_hand / "config.json").write_text(json.dumps(cfg))
+
+    got, _ = load_export(export, 96)
+    want, _ = load_export(by_hand)
+    same, _ = load_export(export)
+    assert got.config.image_size == want.config.image_size == 96 and same.config.image_size == 64
+    clip = torch.rand(1, 4, 3, 96, 96)  # one 4-frame clip at 96 px: 6 x 6 patches per frame
+    with torch.no_grad():
+        a, b = got.vision_tower(clip), want.vision_tower(clip)
+    assert a.shape == b.shape and a.shape[-2] == 4 * 36
+    torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match="built for 64x64"):
+        same.vision_tower(clip)

@@ -5,7 +5,10 @@
 2. Runs the four stages with the tiny model (``python -m videoflash.train experiment=quickstart
    stage=N``, one process, DeepSpeed ZeRO-3 on CPU), each starting from the previous stage's export.
 3. After each stage, evaluates the export on the held-out questions (greedy answer, exact match) with
-   the frames the stage trained on, and prints a table: stage, steps, minutes, loss, accuracy, chance.
+   the frames the stage trained on, and prints a table: stage, steps, minutes, loss, the accuracy of
+   its starting point under the stage's frames and image size (stage 4: the stage-3 model at the high
+   resolution, before any stage-4 step), accuracy, chance, and the needle questions on the longest
+   half of the long videos.
 
 Extra arguments are passed to every stage (``python -m videoflash.quickstart stage.max_steps=5``);
 ``--fresh`` starts over (removes the run directory, keeps the corpus).
@@ -72,7 +75,9 @@ def last_loss(metrics: Path, window: int = 10) -> tuple[int, float]:
     return steps[-1]["step"], sum(r["loss"] for r in tail) / len(tail)
 
 
-def evaluate_stage(cfg) -> dict:
+def evaluate_stage(cfg, export: str | os.PathLike | None = None, quiet: bool = False) -> dict:
+    """Held-out scores of the stage's export (or of ``export``, e.g. its starting point) with the
+    frames and the image size the stage trains on."""
     import torch
 
     from videoflash.eval.synthetic import FrameSettings, evaluate_export
@@ -83,8 +88,11 @@ def evaluate_stage(cfg) -> dict:
     fs = FrameSettings(image_size=s.image_size, policy=s.frames.sampling, min_frames=s.frames.min_frames,
                        max_frames=s.frames.max_frames, frames_per_clip=cfg.model.vision.frames_per_clip,
                        image_mode=s.image_mode, max_grid=cfg.model.max_grid)
-    result = evaluate_export(export_dir(cfg.run_root, s.id), cfg.data.heldout, fs, batch_size=cfg.eval.batch_size,
-                             max_new_tokens=cfg.eval.max_new_tokens, max_samples=cfg.eval.max_samples)
+    result = evaluate_export(export or export_dir(cfg.run_root, s.id), cfg.data.heldout, fs,
+                             batch_size=cfg.eval.batch_size, max_new_tokens=cfg.eval.max_new_tokens,
+                             max_samples=cfg.eval.max_samples, progress=not quiet)
+    if quiet:
+        return result.to_dict()
     print(result.table(), flush=True)
     scores = result.to_dict()
     scores["needle_longest"] = needle_on_longest(result.predictions)
@@ -109,13 +117,15 @@ def needle_on_longest(predictions: list[dict]) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| stage | trains | steps | minutes | loss | accuracy | chance | needle, longest half |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| stage | trains | steps | minutes | loss | accuracy at start | accuracy | chance | needle, longest half |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         n = r.get("needle_longest") or {"total": 0}
         needle = f"{n['accuracy']:.3f} ({n['correct']}/{n['total']})" if n["total"] else "-"
+        start = r.get("start_accuracy")
+        start = "-" if start is None else f"{start:.3f}"
         lines.append(f"| {r['stage']} | {r['trains']} | {r['steps']} | {r['minutes']:.1f} | {r['loss']:.3f} "
-                     f"| {r['accuracy']:.3f} | {r['chance']:.3f} | {needle} |")
+                     f"| {start} | {r['accuracy']:.3f} | {r['chance']:.3f} | {needle} |")
     return "\n".join(lines)
 
 
@@ -139,6 +149,14 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for stage in (1, 2, 3, 4):
         cfg = _compose(stage, a.overrides)
+        start_scores = None
+        if stage > 1:  # what the stage starts from, under its own frames and image size
+            from videoflash.train.stages import export_dir
+
+            start_scores = evaluate_stage(cfg, export_dir(cfg.run_root, stage - 1), quiet=True)
+            print(f"[quickstart] stage {stage} starts from stage {stage - 1}'s export, which answers "
+                  f"{start_scores['accuracy']:.3f} at {cfg.stage.image_size} px, {cfg.stage.frames.min_frames}.."
+                  f"{cfg.stage.frames.max_frames} frames", flush=True)
         t0 = time.time()
         cmd = [sys.executable, "-m", "videoflash.train", EXPERIMENT, f"stage={stage}", *a.overrides]
         print(f"\n[quickstart] stage {stage}: {' '.join(cmd[1:])}", flush=True)
@@ -151,7 +169,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[quickstart] evaluating stage {stage} on {cfg.data.heldout} ...", flush=True)
         scores = evaluate_stage(cfg)
         rows.append({"stage": stage, "trains": "+".join(p.replace("_", " ") for p in cfg.stage.trainable),
-                     "steps": steps, "minutes": minutes, "loss": loss, **scores})
+                     "steps": steps, "minutes": minutes, "loss": loss, **scores,
+                     "start_accuracy": start_scores["accuracy"] if start_scores else None,
+                     "start_tasks": start_scores["tasks"] if start_scores else None})
 
     out = table(rows)
     total = (time.time() - start) / 60

@@ -13,7 +13,7 @@ def main(argv=None) -> int:
     p.add_argument("--policy", default="dynamic_fps1", help="frame policy: middle | dynamic_fps1 | fps:<rate>")
     p.add_argument("--min-frames", type=int, default=4)
     p.add_argument("--max-frames", type=int, default=8)
-    p.add_argument("--image-size", type=int, default=None, help="default: the export's encoder size")
+    p.add_argument("--image-size", type=int, default=None, help="frames and encoder at this size (default: the export's)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-new-tokens", type=int, default=8)
     p.add_argument("--max-samples", type=int, default=None)

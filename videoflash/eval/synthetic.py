@@ -188,17 +188,29 @@ def evaluate(model, tokenizer, heldout: str | os.PathLike, fs: FrameSettings, *,
     return result
 
 
-def evaluate_export(export_dir: str | os.PathLike, heldout: str | os.PathLike, fs: FrameSettings | None = None,
-                    **kwargs) -> EvalResult:
-    """Load an HF export (``from_pretrained``) on CPU / one GPU and evaluate it."""
+def load_export(export_dir: str | os.PathLike, image_size: int | None = None):
+    """(model, tokenizer) of an HF export (``from_pretrained``, float32, on the GPU when there is one).
+    ``image_size`` other than the export's builds the encoder at that size (its position table
+    resized, as stage 4 starts at the high resolution), so the model takes frames of that size."""
     from transformers import AutoTokenizer
 
+    from videoflash.model.configuration_videoflash import VideoFlashConfig
     from videoflash.model.modeling_videoflash import VideoFlashForConditionalGeneration
 
-    model = VideoFlashForConditionalGeneration.from_pretrained(export_dir, dtype=torch.float32)
+    config = VideoFlashConfig.from_pretrained(export_dir)
+    if image_size is not None and int(image_size) != config.image_size:
+        config.vision_config["image_size"] = int(image_size)
+    model = VideoFlashForConditionalGeneration.from_pretrained(export_dir, config=config, dtype=torch.float32)
     if torch.cuda.is_available():
         model = model.cuda()
-    tokenizer = AutoTokenizer.from_pretrained(export_dir)
+    return model, AutoTokenizer.from_pretrained(export_dir)
+
+
+def evaluate_export(export_dir: str | os.PathLike, heldout: str | os.PathLike, fs: FrameSettings | None = None,
+                    **kwargs) -> EvalResult:
+    """Load an HF export and evaluate it with ``fs`` (default: the export's own frame size); the
+    encoder runs at ``fs.image_size`` (:func:`load_export`)."""
+    model, tokenizer = load_export(export_dir, fs.image_size if fs is not None else None)
     if fs is None:
         cfg = model.config
         fs = FrameSettings(image_size=cfg.image_size, frames_per_clip=cfg.frames_per_clip, max_grid=cfg.max_grid)
