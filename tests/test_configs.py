@@ -130,7 +130,8 @@ def test_validation_errors_name_their_key():
         validate(cfg)
     assert err.value.key == "stage.global_batch_size"
     for key, value in (("decode_isolation", "thread"), ("decode_timeout_s", 0.0), ("video_backend", "opencv"),
-                       ("synthetic.shape_scale", "[0.3,0.2]"), ("synthetic.shape_scale", "[0.1]")):  # fmt: skip
+                       ("synthetic.shape_scale", "[0.3,0.2]"), ("synthetic.shape_scale", "[0.1]"),
+                       ("synthetic.long_fraction", "1.5")):  # fmt: skip
         cfg = compose(["stage=2", f"data.{key}={value}"], check=False)
         with pytest.raises(ConfigError) as err:
             validate(cfg)

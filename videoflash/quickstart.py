@@ -41,7 +41,8 @@ def make_corpus(cfg) -> None:
     root = Path(cfg.data.root)
     synth = cfg.data.synthetic
     wanted = {"num_train": synth.num_train, "num_heldout": synth.num_heldout, "seed": synth.seed,
-              "train_questions": synth.train_questions, "shape_scale": [float(x) for x in synth.shape_scale]}
+              "train_questions": synth.train_questions, "shape_scale": [float(x) for x in synth.shape_scale],
+              "long_fraction": float(synth.long_fraction)}
     older = {"train_questions": "one", "shape_scale": [0.17, 0.17]}  # corpora made before these options
     meta = root / "meta.json"
     if meta.is_file():
@@ -56,7 +57,8 @@ def make_corpus(cfg) -> None:
         print(f"[quickstart] generating the synthetic corpus in {root} ...", flush=True)
         generate_corpus(str(root), SynthConfig(num_train=synth.num_train, num_heldout=synth.num_heldout, seed=synth.seed,
                                                train_questions=synth.train_questions,
-                                               shape_scale=tuple(float(x) for x in synth.shape_scale)))
+                                               shape_scale=tuple(float(x) for x in synth.shape_scale),
+                                               long_fraction=float(synth.long_fraction)))
     if not (root / "shards" / "train-index.json").is_file():
         print("[quickstart] sharding it ...", flush=True)
         subprocess.run(

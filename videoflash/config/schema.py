@@ -122,6 +122,7 @@ class SynthSchema:
     train_questions: str = "one"  # "all": training records ask every fact their video shows (multi-turn)
     # the shapes' half-size as a fraction of the frame's shorter side, drawn per video in [lo, hi]
     shape_scale: list = field(default_factory=lambda: [0.17, 0.17])
+    long_fraction: float = 0.125  # share of long needle videos in each split
 
 
 @dataclass

@@ -151,6 +151,8 @@ def validate(cfg: DictConfig) -> VideoFlashSchema:
         scale = list(d.synthetic.shape_scale)
         if len(scale) != 2 or not 0 < float(scale[0]) <= float(scale[1]) <= 0.25:
             raise ConfigError("data.synthetic.shape_scale", f"must be [lo, hi] with 0 < lo <= hi <= 0.25, got {scale}")
+        if not 0.0 <= float(d.synthetic.long_fraction) <= 1.0:
+            raise ConfigError("data.synthetic.long_fraction", f"must be in [0, 1], got {d.synthetic.long_fraction}")
     _positive("data.max_batch_tokens", d.max_batch_tokens)
     _positive("data.pack_tokens", d.pack_tokens, allow_zero=True)
     if d.pack_tokens:
