@@ -21,7 +21,8 @@ as the quickstart model is; ``--question`` replaces the question text (e.g. the 
 needle question).
 
 Writes ``<out>/videos/<id>.mp4`` and ``<out>/niah.json``: one record per (length, depth) with the
-question, options, answer letter, the needle's and the clues' frame indices. Same seed, same bytes.
+question, options, answer (the letter, or with ``--answer word`` the colour), the needle's and the
+clues' frame indices. Same seed, same bytes.
 """
 
 from __future__ import annotations

@@ -40,6 +40,7 @@ def make_corpus(cfg) -> None:
     """The synthetic corpus and its shards, generated once."""
     root = Path(cfg.data.root)
     synth = cfg.data.synthetic
+    # SynthConfig's fields as meta.json records them (tuples as lists)
     wanted = {"num_train": synth.num_train, "num_heldout": synth.num_heldout, "seed": synth.seed,
               "train_questions": synth.train_questions, "shape_scale": [float(x) for x in synth.shape_scale],
               "long_fraction": float(synth.long_fraction)}
@@ -55,10 +56,7 @@ def make_corpus(cfg) -> None:
         from data_tools.synth_videos import SynthConfig, generate_corpus
 
         print(f"[quickstart] generating the synthetic corpus in {root} ...", flush=True)
-        generate_corpus(str(root), SynthConfig(num_train=synth.num_train, num_heldout=synth.num_heldout, seed=synth.seed,
-                                               train_questions=synth.train_questions,
-                                               shape_scale=tuple(float(x) for x in synth.shape_scale),
-                                               long_fraction=float(synth.long_fraction)))
+        generate_corpus(str(root), SynthConfig(**{**wanted, "shape_scale": tuple(wanted["shape_scale"])}))
     if not (root / "shards" / "train-index.json").is_file():
         print("[quickstart] sharding it ...", flush=True)
         subprocess.run(
@@ -77,9 +75,9 @@ def last_loss(metrics: Path, window: int = 10) -> tuple[int, float]:
     return steps[-1]["step"], sum(r["loss"] for r in tail) / len(tail)
 
 
-def evaluate_stage(cfg, export: str | os.PathLike | None = None, quiet: bool = False) -> dict:
-    """Held-out scores of the stage's export (or of ``export``, e.g. its starting point) with the
-    frames and the image size the stage trains on."""
+def evaluate_stage(cfg, of_stage: int | None = None, quiet: bool = False) -> dict:
+    """Held-out scores of the stage's export (or of stage ``of_stage``'s, e.g. its starting point)
+    with the frames and the image size the stage trains on."""
     import torch
 
     from videoflash.eval.synthetic import FrameSettings, evaluate_export
@@ -90,7 +88,7 @@ def evaluate_stage(cfg, export: str | os.PathLike | None = None, quiet: bool = F
     fs = FrameSettings(image_size=s.image_size, policy=s.frames.sampling, min_frames=s.frames.min_frames,
                        max_frames=s.frames.max_frames, frames_per_clip=cfg.model.vision.frames_per_clip,
                        image_mode=s.image_mode, max_grid=cfg.model.max_grid)
-    result = evaluate_export(export or export_dir(cfg.run_root, s.id), cfg.data.heldout, fs,
+    result = evaluate_export(export_dir(cfg.run_root, s.id if of_stage is None else of_stage), cfg.data.heldout, fs,
                              batch_size=cfg.eval.batch_size, max_new_tokens=cfg.eval.max_new_tokens,
                              max_samples=cfg.eval.max_samples, progress=not quiet)
     if quiet:
@@ -153,9 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = _compose(stage, a.overrides)
         start_scores = None
         if stage > 1:  # what the stage starts from, under its own frames and image size
-            from videoflash.train.stages import export_dir
-
-            start_scores = evaluate_stage(cfg, export_dir(cfg.run_root, stage - 1), quiet=True)
+            start_scores = evaluate_stage(cfg, of_stage=stage - 1, quiet=True)
             print(f"[quickstart] stage {stage} starts from stage {stage - 1}'s export, which answers "
                   f"{start_scores['accuracy']:.3f} at {cfg.stage.image_size} px, {cfg.stage.frames.min_frames}.."
                   f"{cfg.stage.frames.max_frames} frames", flush=True)

@@ -7,8 +7,8 @@ Every video of the grid is asked its question with ``model.chat`` (greedy, 16 ne
 default every frame is taken (``policy=fps:1``, ``max_frames`` = the video's length), any frame
 policy, visual dropout or KV compression can be set instead. The reply's letter is read by the
 VideoMME rule (``benchmarks.extract_letter_videomme``); a grid made with ``--answer word`` counts a
-reply that is the colour's name (lower-cased, stripped of spaces and punctuation). Writes ``<out>/niah.json`` (the grid and
-every reply) and ``<out>/niah_heatmap.png``.
+reply that is the colour's name (lower-cased, stripped of spaces and punctuation). Writes
+``<out>/niah.json`` (the grid and every reply) and ``<out>/niah_heatmap.png``.
 """
 
 from __future__ import annotations
