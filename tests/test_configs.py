@@ -408,3 +408,19 @@ def test_the_cli_stops_on_a_missing_start_before_any_work(tmp_path, override):
     assert out.returncode == 2, out.stderr[-2000:]
     assert f"config error: {override}: {missing}" in out.stderr
     assert "shm_comm_op" not in out.stdout + out.stderr and not (tmp_path / "run").exists()
+
+
+def test_quickstart_keeps_a_corpus_made_before_the_newer_corpus_options(tmp_path):
+    """A corpus whose meta.json predates train_questions / shape_scale / long_fraction was made with
+    their defaults ("one", [0.17, 0.17], 0.125): asked for those, the quickstart keeps it."""
+    from videoflash.quickstart import make_corpus
+
+    cfg = compose(["experiment=quickstart", "stage=2", f"data.root={tmp_path}", "data.synthetic.num_train=4",
+                   "data.synthetic.num_heldout=2", "data.synthetic.train_questions=one",
+                   "data.synthetic.long_fraction=0.125"])
+    (tmp_path / "meta.json").write_text(json.dumps({"config": {"num_train": 4, "num_heldout": 2, "seed": 0}}))
+    (tmp_path / "heldout.jsonl").write_text("marker\n")
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "shards" / "train-index.json").write_text("{}")
+    make_corpus(cfg)
+    assert (tmp_path / "heldout.jsonl").read_text() == "marker\n"  # not generated anew

@@ -44,7 +44,7 @@ def make_corpus(cfg) -> None:
     wanted = {"num_train": synth.num_train, "num_heldout": synth.num_heldout, "seed": synth.seed,
               "train_questions": synth.train_questions, "shape_scale": [float(x) for x in synth.shape_scale],
               "long_fraction": float(synth.long_fraction)}
-    older = {"train_questions": "one", "shape_scale": [0.17, 0.17]}  # corpora made before these options
+    older = {"train_questions": "one", "shape_scale": [0.17, 0.17], "long_fraction": 0.125}  # made before these options
     meta = root / "meta.json"
     if meta.is_file():
         made = json.loads(meta.read_text()).get("config", {})
