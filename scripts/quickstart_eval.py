@@ -11,9 +11,9 @@ video of the synthetic corpus (the grey square drifting and bouncing, ``render_l
 read at 1 fps, 16..256 frames, depths 0, 0.25, ..., 1, a 4-frame needle (``make_niah
 --needle-frames 4 --answer word``), the corpus's needle question (its training prompt), and the
 colour's name as the answer (the tiny model was trained to answer in words, not letters); frames as
-stages 3-4 train (fps:1, at most ``--max-frames``, default 32). Results land in ``--out`` (``<bench>.json`` per benchmark, which
-the export's model card tables when ``--out`` is ``<stage dir>/eval``; ``niah/niah.json``,
-``niah/niah_heatmap.png``).
+stages 3-4 train (fps:1, at most ``--max-frames``, default 32). Results land in ``--out``
+(``<bench>.json`` per benchmark, which the export's model card tables when ``--out`` is
+``<stage dir>/eval``; ``niah/niah.json``, ``niah/niah_heatmap.png``).
 The last line is the NIAH accuracy and the mean benchmark accuracy.
 """
 
