@@ -80,7 +80,7 @@ def test_four_stages_on_two_zero3_ranks(tmp_path, tiny_overrides, ds_env):
         info = json.loads((export / "training_state.json").read_text())
         assert info["completed"] and info["step"] == 2
         cfg = json.loads((export / "config.json").read_text())
-        assert cfg["vision_config"]["image_size"] == (96 if stage == 4 else 64)  # tiny preset: 64 px, hires 96
+        assert cfg["vision_config"]["image_size"] == (128 if stage == 4 else 64)  # tiny preset: 64 px, hires 128
 
     # what each stage changed, read from the exports (stage 1 from the parts-built starting point)
     before = {1: weights(run_root / "stage1" / "init")}
