@@ -23,6 +23,7 @@ import shutil
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 from videoflash.console import quiet_known_noise
@@ -38,23 +39,24 @@ def _compose(stage: int, extra: list[str]):
 
 def make_corpus(cfg) -> None:
     """The synthetic corpus and its shards, generated once."""
+    from data_tools.synth_videos import SynthConfig, generate_corpus
+
     root = Path(cfg.data.root)
     synth = cfg.data.synthetic
     # SynthConfig's fields as meta.json records them (tuples as lists)
     wanted = {"num_train": synth.num_train, "num_heldout": synth.num_heldout, "seed": synth.seed,
               "train_questions": synth.train_questions, "shape_scale": [float(x) for x in synth.shape_scale],
               "long_fraction": float(synth.long_fraction)}
-    older = {"train_questions": "one", "shape_scale": [0.17, 0.17], "long_fraction": 0.125}  # made before these options
+    # a field a meta.json lacks predates its option, whose default keeps the behaviour from before it
+    defaults = json.loads(json.dumps(asdict(SynthConfig())))
     meta = root / "meta.json"
     if meta.is_file():
         made = json.loads(meta.read_text()).get("config", {})
-        stale = [k for k, v in wanted.items() if made.get(k, older.get(k)) != v]
+        stale = [k for k, v in wanted.items() if made.get(k, defaults[k]) != v]
         if stale:
             print(f"[quickstart] {root} was generated with other {', '.join(stale)}; generating it anew", flush=True)
             shutil.rmtree(root)
     if not (root / "heldout.jsonl").is_file():
-        from data_tools.synth_videos import SynthConfig, generate_corpus
-
         print(f"[quickstart] generating the synthetic corpus in {root} ...", flush=True)
         generate_corpus(str(root), SynthConfig(**{**wanted, "shape_scale": tuple(wanted["shape_scale"])}))
     if not (root / "shards" / "train-index.json").is_file():
