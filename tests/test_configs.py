@@ -183,6 +183,16 @@ def test_ranks_come_from_torchrun_then_srun_else_one_process():
     assert detect({}).world_size == 1
 
 
+def test_a_bare_run_becomes_one_process_per_gpu_and_on_cpu_only_when_asked():
+    from videoflash.train.distributed import relaunch_count
+
+    assert relaunch_count(None, gpus=0) == 1  # CPU: one process by default
+    assert relaunch_count(2, gpus=0) == 2  # CPU: data-parallel ranks when asked (tests/test_resume.py runs it)
+    assert relaunch_count(None, gpus=4) == 4 and relaunch_count(2, gpus=4) == 2
+    with pytest.raises(RuntimeError, match="only 2 GPUs"):
+        relaunch_count(4, gpus=2)
+
+
 # -- LR schedule, parameter groups, freezing ----------------------------------------------------------
 def test_cosine_schedule_with_three_percent_warm_up():
     from videoflash.train.stages import lr_lambda, warmup_steps

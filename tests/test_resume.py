@@ -77,10 +77,15 @@ def torchrun(cli_args, env, **kw):
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, tiny_overrides, ds_env) -> dict[int, float]:
+    """The uninterrupted run, started bare with ``launcher.nproc_per_node=2``: it re-executes itself
+    as two gloo ranks, so the torchrun and srun runs below, which resume against it, also check
+    that this relaunch is the same two-rank run."""
     root = tmp_path_factory.mktemp("uninterrupted")
-    proc = torchrun(args(tiny_overrides, root), ds_env)
+    proc = subprocess.Popen([sys.executable, "-m", "videoflash.train", *args(tiny_overrides, root, "launcher.nproc_per_node=2")],
+                            env=ds_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     out, _ = proc.communicate(timeout=400)
     assert proc.returncode == 0, out[-4000:]
+    assert "CPU, launcher.nproc_per_node=2: starting 2 processes" in out, out[-4000:]
     ref = losses(root / "stage2" / "metrics.jsonl")
     assert sorted(ref) == list(range(1, STEPS + 1))
     return ref

@@ -253,7 +253,8 @@ class LauncherSchema:
     """How the processes come to be and talk (``videoflash.train.distributed``)."""
 
     kind: str = "local"  # local | slurm
-    # local: processes per node when not started by torchrun/srun; null = every visible GPU (CPU: 1)
+    # local: processes per node when not started by torchrun/srun; null = every visible GPU (CPU: 1;
+    # above 1 on CPU: that many data-parallel ranks over gloo)
     nproc_per_node: Optional[int] = None
     backend: str = "auto"  # auto (nccl on GPU, gloo on CPU) | nccl | gloo
     dist_timeout_min: int = 30

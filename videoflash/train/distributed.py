@@ -7,8 +7,8 @@ Three ways a run starts, told apart by the environment:
   (or ``SLURM_NTASKS``) are copied to the torch variables; ``MASTER_ADDR`` defaults to the first
   node of the step and ``MASTER_PORT`` to a port derived from the job id.
 - **bare** ``python -m videoflash.train``: one process on CPU or one GPU; with several GPUs visible
-  it re-executes itself under ``torch.distributed.run`` with one process per GPU
-  (:func:`maybe_relaunch`).
+  it re-executes itself under ``torch.distributed.run`` with one process per GPU, and on CPU with
+  ``launcher.nproc_per_node`` processes when that is set above 1 (:func:`maybe_relaunch`).
 """
 
 from __future__ import annotations
@@ -87,20 +87,31 @@ def export_env(info: DistEnv) -> None:
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
 
 
+def relaunch_count(nproc_per_node: int | None, gpus: int) -> int:
+    """How many processes a bare run should become: on GPUs ``nproc_per_node`` (null = one per
+    visible GPU); on CPU one, unless ``nproc_per_node`` asks for more (data-parallel ranks over gloo,
+    e.g. one per core)."""
+    nproc = nproc_per_node if nproc_per_node is not None else max(gpus, 1)
+    if gpus and nproc > gpus:
+        raise RuntimeError(f"launcher.nproc_per_node={nproc} but only {gpus} GPUs are visible")
+    return nproc
+
+
 def maybe_relaunch(nproc_per_node: int | None, argv: list[str]) -> None:
-    """Bare ``python -m videoflash.train`` on a node with several GPUs: re-execute under
-    ``torch.distributed.run`` with one process per GPU (this process is replaced). CPU: nothing."""
+    """Bare ``python -m videoflash.train``: re-execute under ``torch.distributed.run`` when
+    :func:`relaunch_count` is above 1 (this process is replaced)."""
     if detect().launcher != "single":
         return
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    nproc = nproc_per_node if nproc_per_node is not None else gpus
-    if gpus == 0 or nproc <= 1:
+    nproc = relaunch_count(nproc_per_node, gpus)
+    if nproc <= 1:
         return
-    if nproc > gpus:
-        raise RuntimeError(f"launcher.nproc_per_node={nproc} but only {gpus} GPUs are visible")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "-m", "videoflash.train", *argv]
-    print(f"[videoflash] {gpus} GPUs visible: starting {nproc} processes: {' '.join(cmd)}", flush=True)
+    where = f"{gpus} GPUs visible" if gpus else f"CPU, launcher.nproc_per_node={nproc}"
+    # torchrun would set OMP_NUM_THREADS=1 and warn; set it here (train.cpu_threads still rules torch)
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    print(f"[videoflash] {where}: starting {nproc} processes: {' '.join(cmd)}", flush=True)
     sys.stdout.flush()
     os.execv(sys.executable, cmd)
 
