@@ -97,7 +97,7 @@ def main(argv=None) -> int:
     p.add_argument("--global-rows", type=int, default=4, help="micro-batches per optimizer step, both sides")
     a = p.parse_args(argv)
     root = prepare(a.workdir, a.num_samples)
-    common = ["experiment=quickstart", f"stage={a.stage}", "stage.init=parts", f"data.root={root}",
+    common = ["experiment=quickstart", "deepspeed=zero3", f"stage={a.stage}", "stage.init=parts", f"data.root={root}",
               f"stage.max_steps={a.steps}", "train.checkpoint_every=0", "train.progress_bar=false",
               "train.log_every=1", "data.num_workers=1", f"stage.max_tokens={a.pack_tokens}"]
     sides = {

@@ -41,6 +41,7 @@ JOB_TIMEOUT_S = 600
 def train_args(data_root: Path, steps: int = STEPS, *extra: str) -> list[str]:
     return [
         "experiment=quickstart",
+        "deepspeed=zero3",  # the quickstart itself runs one process on ZeRO-1; these jobs shard
         "stage=2",
         "stage.init=parts",  # stage 2 from fresh parts: vision tower, connector and LLM all train
         f"data.root={data_root}",

@@ -3,7 +3,8 @@
 1. Generates the synthetic corpus (``data_tools.synth_videos``) and shards it
    (``data_tools.make_shards``) under ``data/quickstart`` unless it is there already.
 2. Runs the four stages with the tiny model (``python -m videoflash.train experiment=quickstart
-   stage=N``, one process, DeepSpeed ZeRO-3 on CPU), each starting from the previous stage's export.
+   stage=N``, one process, DeepSpeed ZeRO-1 on CPU: one rank has nothing for ZeRO-3 to shard), each
+   starting from the previous stage's export.
 3. After each stage, evaluates the export on the held-out questions (greedy answer, exact match) with
    the frames the stage trained on, and prints a table: stage, steps, minutes, loss, the accuracy of
    its starting point under the stage's frames and image size (stage 4: the stage-3 model at the high
