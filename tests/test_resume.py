@@ -69,10 +69,14 @@ def descendants(pid: int) -> list[int]:
     return out
 
 
-def torchrun(cli_args, env, **kw):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "videoflash.train", *cli_args]
+def spawn(cmd, env, **kw):
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True, **kw)
+
+
+def torchrun(cli_args, env, **kw):
+    return spawn([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+                  "videoflash.train", *cli_args], env, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -81,8 +85,7 @@ def reference(tmp_path_factory, tiny_overrides, ds_env) -> dict[int, float]:
     as two gloo ranks, so the torchrun and srun runs below, which resume against it, also check
     that this relaunch is the same two-rank run."""
     root = tmp_path_factory.mktemp("uninterrupted")
-    proc = subprocess.Popen([sys.executable, "-m", "videoflash.train", *args(tiny_overrides, root, "launcher.nproc_per_node=2")],
-                            env=ds_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc = spawn([sys.executable, "-m", "videoflash.train", *args(tiny_overrides, root, "launcher.nproc_per_node=2")], ds_env)
     out, _ = proc.communicate(timeout=400)
     assert proc.returncode == 0, out[-4000:]
     assert "CPU, launcher.nproc_per_node=2: starting 2 processes" in out, out[-4000:]
